@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs for tokenwire.v1 (regenerate with `make proto`)."""

@@ -1,0 +1,131 @@
+"""Paged attention over a flat batch: writes new keys/values into the block pool and attends through block tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """One sequence's run of query tokens in the flat batch (a prompt chunk, or several tokens at once).
+
+    Attributes:
+        query_start: index of its first token in the flat batch.
+        query_len: how many query tokens it has in this step.
+        context_len: tokens of context after this step (earlier cached tokens + query_len).
+        block_table: [num_blocks] int64 block ids holding positions 0..context_len-1.
+    """
+
+    query_start: int
+    query_len: int
+    context_len: int
+    block_table: torch.Tensor
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Everything attention needs to know about one flat batch; built by the runner, passed as an argument.
+
+    The flat batch holds the decode tokens first (one per decoding sequence, in order), then the
+    prefill chunks. Slots are ``block_id * block_size + offset`` in the flattened pool.
+
+    Attributes:
+        slot_mapping: [T] int64, where each token's new key and value are written.
+        num_decode_tokens: the first ``num_decode_tokens`` tokens are single-token decodes.
+        decode_block_tables: [num_decode, max_blocks] int64, padded with 0 (masked by length).
+        decode_context_lens: [num_decode] int64, context length including the new token.
+        prefills: the prefill chunks, after the decodes.
+        block_size: tokens per KV block.
+    """
+
+    slot_mapping: torch.Tensor
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor
+    decode_context_lens: torch.Tensor
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    block_size: int = 16
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store this step's keys and values at their slots.
+
+    Shapes: k, v: [T, H_kv, D]; k_cache, v_cache: [num_blocks, block_size, H_kv, D]; slot_mapping: [T].
+    """
+    h_kv, d = k_cache.shape[-2], k_cache.shape[-1]
+    k_cache.view(-1, h_kv, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, h_kv, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """Read positions 0..length-1 of one sequence: [length, H_kv, D]."""
+    h_kv, d = cache.shape[-2], cache.shape[-1]
+    return cache[block_table].reshape(-1, h_kv, d)[:length]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal attention for a flat batch through the paged KV cache.
+
+    Shapes: q: [T, H_q, D]; k, v: [T, H_kv, D] (this step's, already position-encoded);
+    caches: [num_blocks, block_size, H_kv, D]. Returns [T, H_q, D]. H_q must be a multiple of H_kv
+    (grouped-query attention).
+    """
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    out = torch.empty_like(q)
+    h_q, h_kv = q.shape[1], k.shape[1]
+    gqa = h_q != h_kv
+    nd = meta.num_decode_tokens
+    if nd:
+        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale, gqa)
+    for chunk in meta.prefills:
+        s, n = chunk.query_start, chunk.query_len
+        qs = q[s : s + n].transpose(0, 1)  # [H_q, n, D]
+        if chunk.context_len == n:
+            # NOTE: no earlier context: attend to this step's own keys with the is_causal fast path,
+            # skipping a gather from the pool.
+            ks, vs = k[s : s + n].transpose(0, 1), v[s : s + n].transpose(0, 1)
+            o = F.scaled_dot_product_attention(qs, ks.to(qs.dtype), vs.to(qs.dtype), is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            ks = _gather(k_cache, chunk.block_table, chunk.context_len).transpose(0, 1).to(qs.dtype)
+            vs = _gather(v_cache, chunk.block_table, chunk.context_len).transpose(0, 1).to(qs.dtype)
+            # Query i sits at position context_len - n + i and sees keys 0..that position.
+            q_pos = torch.arange(chunk.context_len - n, chunk.context_len, device=q.device)
+            k_pos = torch.arange(chunk.context_len, device=q.device)
+            mask = k_pos[None, :] <= q_pos[:, None]  # [n, context_len], True = attend
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[s : s + n] = o.transpose(0, 1)
+    return out
+
+
+def _decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float | None,
+    gqa: bool,
+) -> torch.Tensor:
+    """One query per sequence, all sequences in one batched SDPA call (no Python loop over sequences)."""
+    bt = meta.decode_block_tables  # [S, max_blocks]
+    num_seqs, max_blocks = bt.shape
+    h_kv, d = k_cache.shape[-2], k_cache.shape[-1]
+    length = max_blocks * meta.block_size
+    # k, v: [S, H_kv, L, D], gathered through the block tables; padding beyond each length is masked.
+    ks = k_cache[bt].reshape(num_seqs, length, h_kv, d).transpose(1, 2).to(q.dtype)
+    vs = v_cache[bt].reshape(num_seqs, length, h_kv, d).transpose(1, 2).to(q.dtype)
+    pos = torch.arange(length, device=q.device)
+    mask = (pos[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]  # [S, 1, 1, L]
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return o.squeeze(2)  # [S, H_q, D]
