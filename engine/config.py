@@ -1,0 +1,61 @@
+"""Engine configuration: one frozen, validated dataclass (no I/O, no environment reads)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# NOTE: on CPU the pool comes out of ordinary RAM; 1 GiB holds ~46k tokens of the default model's
+# context in bfloat16 (23 KB/token), enough for 64 sequences of 700 tokens.
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+# On CUDA a float budget is a fraction of the memory still free after the weights are loaded.
+DEFAULT_CUDA_KV_CACHE_FRACTION = 0.85
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Everything that shapes an engine: the model, its placement, the KV pool and the batch limits.
+
+    Attributes:
+        model: a .gguf file, a Hugging Face folder, or None for the embedded default model.
+        dtype: "auto", "float32", "bfloat16" or "float16" (weights, activations and KV cache).
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        block_size: tokens per KV cache block.
+        kv_cache_memory: the pool's size: bytes (int), or a fraction (0, 1] of free CUDA memory;
+            None picks the device's default.
+        max_num_seqs: most sequences in one step.
+        max_num_batched_tokens: most tokens (decodes plus prompt chunks) in one step.
+        max_queued_requests: most requests waiting for admission; past it, requests are rejected.
+        max_model_len: most tokens (prompt plus completion) per request; None is the model's limit.
+        enable_prefix_caching: reuse cached KV blocks of identical prompt prefixes.
+        seed: seed of the random draws of requests that set no seed of their own.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    kv_cache_memory: int | float | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_queued_requests: int = 1024
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.block_size < 1 or self.block_size > 1024:
+            raise ValueError(f"block_size must be in [1, 1024], got {self.block_size}")
+        mem = self.kv_cache_memory
+        if isinstance(mem, bool) or not (
+            mem is None or (isinstance(mem, int) and mem > 0) or (isinstance(mem, float) and 0.0 < mem <= 1.0)
+        ):
+            raise ValueError(f"kv_cache_memory must be bytes > 0 or a fraction in (0, 1], got {mem!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2 when set, got {self.max_model_len}")

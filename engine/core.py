@@ -1,0 +1,217 @@
+"""The synchronous engine core: admit, schedule, run, sample, detokenize, finish. Knows no asyncio."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenwire.engine.block_manager import BlockManager
+from tokenwire.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_CUDA_KV_CACHE_FRACTION, EngineArgs
+from tokenwire.engine.detokenizer import IncrementalDetokenizer
+from tokenwire.engine.errors import DuplicateRequestError, InvalidRequestError, PromptTooLongError, QueueFullError
+from tokenwire.engine.info import EngineStats, ModelInfo
+from tokenwire.engine.loader import LoadedModel
+from tokenwire.engine.outputs import FinishReason, RequestOutput
+from tokenwire.engine.request import GenerationRequest
+from tokenwire.engine.runner import ModelRunner, num_blocks_for_budget
+from tokenwire.engine.sampler import Sampler, SamplingState
+from tokenwire.engine.scheduler import Scheduler
+from tokenwire.engine.sequence import Sequence
+
+
+class EngineCore:
+    """One model, one KV pool, one scheduler; ``step()`` runs one forward pass over a flat batch.
+
+    Not thread-safe: the asyncio bridge calls it from a single engine thread. Request preparation
+    (``make_sequence``) reads only immutable state, so it may run on another thread.
+    """
+
+    def __init__(self, loaded: LoadedModel, args: EngineArgs) -> None:
+        self.loaded = loaded
+        self.args = args
+        self.tokenizer = loaded.tokenizer
+        model = loaded.model
+        spec = model.kv_cache_spec
+        num_blocks = num_blocks_for_budget(spec, loaded.dtype, args.block_size, self._kv_budget_bytes())
+        if num_blocks < 2:
+            raise ValueError(
+                f"kv_cache_memory={args.kv_cache_memory!r} holds {num_blocks} blocks of {args.block_size} tokens; "
+                f"at least 2 are needed ({spec.bytes_per_token(loaded.dtype) * args.block_size} bytes per block)"
+            )
+        # NOTE: a request may never need more blocks than the whole pool, so that one sequence
+        # alone always fits and preemption always ends; longer contexts are cut here, not hung.
+        limit = min(loaded.max_context_length, num_blocks * args.block_size)
+        self.max_model_len = min(args.max_model_len or limit, limit)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, args.block_size, loaded.dtype, loaded.device)
+        self.sampler = Sampler(seed=args.seed, device=loaded.device)
+        self.eos_token_ids = frozenset(loaded.eos_token_ids)
+        self.requests: dict[str, Sequence] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    def _kv_budget_bytes(self) -> int:
+        mem = self.args.kv_cache_memory
+        device = self.loaded.device
+        if isinstance(mem, int):
+            return mem
+        if device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(device)
+            return int(free * (mem if mem is not None else DEFAULT_CUDA_KV_CACHE_FRACTION))
+        if mem is not None:
+            raise ValueError("kv_cache_memory as a fraction is for CUDA devices; give bytes on CPU")
+        return DEFAULT_CPU_KV_CACHE_BYTES
+
+    # ---- admission -------------------------------------------------------------------------
+
+    def tokenize(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids; raises InvalidRequestError for a missing, doubled or bad prompt."""
+        given = [x is not None for x in (request.prompt, request.prompt_token_ids, request.messages)]
+        if sum(given) != 1:
+            raise InvalidRequestError("give exactly one of prompt text, prompt token ids or chat messages")
+        if request.prompt is not None:
+            ids = self.tokenizer.encode(request.prompt)
+        elif request.messages is not None:
+            if not request.messages:
+                raise InvalidRequestError("chat has no messages")
+            ids = self.tokenizer.encode_chat(list(request.messages), add_generation_prompt=True)
+        else:
+            ids = [int(t) for t in request.prompt_token_ids or ()]
+            vocab = self.runner.model.vocab_size
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequestError(f"unknown token id {bad} in prompt (vocab size {vocab})")
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        return ids
+
+    def make_sequence(self, request: GenerationRequest) -> Sequence:
+        """Validate and tokenize a request into a Sequence (reads only immutable state)."""
+        if not request.request_id:
+            raise InvalidRequestError("request_id must not be empty")
+        params = request.params
+        ids = self.tokenize(request)
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(ids)} tokens; the context length is {self.max_model_len} "
+                "and at least one token must be generated"
+            )
+        vocab = self.runner.model.vocab_size
+        bad = next((t for t in params.stop_token_ids if t >= vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"unknown token id {bad} in stop_token_ids (vocab size {vocab})")
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        seq = Sequence(
+            request_id=request.request_id,
+            prompt_token_ids=ids,
+            params=params,
+            max_tokens=max_tokens,
+            eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
+        )
+        seq.sampling_state = SamplingState(params, ids, self.eos_token_ids, device=self.loaded.device)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Queue a prepared sequence; raises for a duplicate id or a full queue."""
+        if seq.request_id in self.requests:
+            raise DuplicateRequestError(f"request_id {seq.request_id!r} is already in use by an open request")
+        if len(self.scheduler.waiting) >= self.args.max_queued_requests:
+            raise QueueFullError(f"the waiting queue is full ({self.args.max_queued_requests} requests); retry later")
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+        self.prompt_tokens_total += seq.num_prompt_tokens
+
+    def add_request(self, request: GenerationRequest) -> None:
+        """Validate, tokenize and queue a request."""
+        self.add_sequence(self.make_sequence(request))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel an open request and free its blocks now; None if it is unknown or finished."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        return RequestOutput(request_id, finish_reason=FinishReason.CANCELLED, usage=seq.usage())
+
+    # ---- the step --------------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        """True while any request is waiting or running."""
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step and return each sampled request's new tokens (and final outputs)."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        self.scheduler.update(sched.scheduled)
+        if not result.sampled:
+            return []
+        sampled = self.sampler(result.logits, [item.seq.sampling_state for item in result.sampled])
+        return [
+            self._append(item.seq, tok, lp)
+            for item, tok, lp in zip(result.sampled, sampled.token_ids, sampled.logprobs)
+        ]
+
+    def _append(self, seq: Sequence, token: int, logprob: object) -> RequestOutput:
+        seq.append_token(token)
+        seq.sampling_state.append(token)
+        self.generation_tokens_total += 1
+        params = seq.params
+        out = RequestOutput(seq.request_id, token_ids=[token], logprobs=[logprob] if logprob is not None else [])
+        stopped_by_string = False
+        if token in params.stop_token_ids or token in seq.eos_token_ids:
+            # The stop token is reported in token_ids but never enters the text.
+            out.finish_reason = FinishReason.STOP
+        else:
+            update = seq.detokenizer.add_tokens([token])
+            out.text = update.text
+            if update.stopped:
+                out.finish_reason = FinishReason.STOP
+                stopped_by_string = True
+        if out.finish_reason is None and seq.num_output_tokens >= seq.max_tokens:
+            out.finish_reason = FinishReason.LENGTH
+        if out.finish_reason is not None:
+            if not stopped_by_string:
+                out.text += seq.detokenizer.finish()
+            self.requests.pop(seq.request_id, None)
+            self.scheduler.finish(seq)
+            out.usage = seq.usage()
+        return out
+
+    # ---- views -----------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        """Gauges and counters for metrics."""
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_total=bm.num_blocks,
+            prefix_cache_queried_tokens=bm.prefix_queried_tokens,
+            prefix_cache_hit_tokens=bm.prefix_hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+        )
+
+    def model_info(self) -> ModelInfo:
+        """What is served."""
+        loaded = self.loaded
+        return ModelInfo(
+            model_name=loaded.name,
+            architecture=loaded.architecture,
+            vocab_size=self.runner.model.vocab_size,
+            max_context_length=self.max_model_len,
+            eos_token_ids=tuple(sorted(self.eos_token_ids)),
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            device=str(loaded.device),
+            kv_block_size=self.args.block_size,
+            kv_blocks_total=self.block_manager.num_blocks,
+            max_num_seqs=self.args.max_num_seqs,
+            has_chat_template=bool(getattr(self.tokenizer, "has_chat_template", False)),
+        )

@@ -1,0 +1,106 @@
+"""Model runner: owns the KV pool, turns a scheduled step into one flat batch and returns logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenwire.engine.attention import AttentionMetadata, PrefillChunk
+from tokenwire.engine.models.base import EngineModel, KVCacheSpec
+from tokenwire.engine.scheduler import ScheduledSequence, SchedulerOutput
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    """Logits of the sequences that sample this step, in the order of ``sampled``."""
+
+    sampled: list[ScheduledSequence]
+    logits: torch.Tensor  # [num_sampled, vocab] float32
+
+
+def num_blocks_for_budget(spec: KVCacheSpec, dtype: torch.dtype, block_size: int, budget_bytes: int) -> int:
+    """How many blocks of the pool fit in a memory budget."""
+    per_block = spec.bytes_per_token(dtype) * block_size
+    return budget_bytes // per_block
+
+
+class ModelRunner:
+    """Runs the model over flat batches. The only owner of KV tensors.
+
+    The pool is one pair of tensors per layer, [num_blocks, block_size, H_kv, D], in the model's dtype
+    on its device. Block tables come from the block manager as plain lists; here they become slot
+    mappings (where new keys go) and padded tables (where attention reads).
+    """
+
+    def __init__(self, model: EngineModel, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        spec = model.kv_cache_spec
+        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(spec.num_layers)
+        ]
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Run one step and return the logits of the sequences that reach their last token."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_idx: list[int] = []
+        sampled: list[ScheduledSequence] = []
+        prefills: list[PrefillChunk] = []
+        for item in out.scheduled:
+            seq, table = item.seq, item.block_table
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
+            query_start = len(input_ids)
+            input_ids.extend(seq.token_ids[start:end])
+            pos = range(start, end)
+            positions.extend(pos)
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            if item.num_new_tokens > 1:
+                prefills.append(
+                    PrefillChunk(
+                        query_start=query_start,
+                        query_len=item.num_new_tokens,
+                        context_len=end,
+                        block_table=torch.tensor(table[: (end + bs - 1) // bs], dtype=torch.long, device=self.device),
+                    )
+                )
+            if item.samples:
+                sample_idx.append(len(input_ids) - 1)
+                sampled.append(item)
+        dev = self.device
+        decodes = out.decodes
+        if decodes:
+            width = max((d.seq.num_computed_tokens + bs) // bs for d in decodes)
+            tables = [d.block_table[:width] + [0] * (width - min(len(d.block_table), width)) for d in decodes]
+            decode_tables = torch.tensor(tables, dtype=torch.long, device=dev)
+            decode_lens = torch.tensor([d.seq.num_computed_tokens + 1 for d in decodes], dtype=torch.long, device=dev)
+        else:
+            decode_tables = torch.zeros((0, 1), dtype=torch.long, device=dev)
+            decode_lens = torch.zeros((0,), dtype=torch.long, device=dev)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decode_tokens=len(decodes),
+            decode_block_tables=decode_tables,
+            decode_context_lens=decode_lens,
+            prefills=prefills,
+            block_size=bs,
+        )
+        hidden = self.model.forward_flat(
+            torch.tensor(input_ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            self.kv_caches,
+            meta,
+        )
+        if not sampled:
+            return RunnerOutput(sampled=[], logits=hidden.new_zeros((0, self.model.vocab_size), dtype=torch.float32))
+        # NOTE: the LM head runs only on the rows that sample: for a 256-token prompt chunk that
+        # is 1 row of [vocab x d_model] work instead of 256.
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=dev)])
+        return RunnerOutput(sampled=sampled, logits=logits.float())

@@ -1,0 +1,156 @@
+"""FCFS continuous-batching scheduler: decodes first, then prompt chunks, preemption by recompute."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from tokenwire.engine.block_manager import BlockManager
+from tokenwire.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledSequence:
+    """One sequence's share of a step: compute tokens [num_computed_tokens, +num_new_tokens)."""
+
+    seq: Sequence
+    num_new_tokens: int
+    block_table: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the sequence's last token, so its logits give the next token."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """What runs this step: single-token decodes first, then prompt chunks."""
+
+    decodes: list[ScheduledSequence] = field(default_factory=list)
+    prefills: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def scheduled(self) -> list[ScheduledSequence]:
+        """All scheduled sequences in flat-batch order."""
+        return self.decodes + self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the flat batch."""
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when there is nothing to run."""
+        return not self.decodes and not self.prefills
+
+
+class Scheduler:
+    """Decides, every step, which tokens of which sequences run.
+
+    Running sequences go first (so a long prompt never stalls decodes), in admission order; then
+    waiting ones are admitted first come, first served while the token budget, the sequence limit
+    and the KV pool allow. A long prompt is split across steps (chunked prefill). When the pool runs
+    dry, the most recently admitted running sequence is preempted: its blocks are freed and it waits
+    at the head of the queue to be recomputed (its own prefix blocks often survive in the cache).
+    """
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence."""
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        """Waiting plus running sequences."""
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's tokens."""
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not bm.allocate_slots(seq.request_id, seq.num_computed_tokens + n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                self._add_scheduled(out, seq, n)
+                budget -= n
+                i += 1
+        # NOTE: no admissions in a step that had to preempt: the pool is under pressure, and a
+        # just-preempted sequence must not be re-admitted ahead of the ones it made room for.
+        if not out.preempted:
+            budget = self._admit(out, budget)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> int:
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits: list[int] = []
+            num_hit = 0
+            if seq.num_computed_tokens == 0:
+                hits, num_hit = bm.get_computed_blocks(seq.token_ids)
+            n = min(seq.num_tokens - num_hit, budget)
+            if not bm.allocate_slots(seq.request_id, num_hit + n, hits):
+                break
+            self.waiting.popleft()
+            seq.num_computed_tokens = num_hit
+            if not seq.prefix_lookup_done:
+                # Counted once per request: a recompute after preemption is not a new prompt.
+                bm.record_prefix_lookup(seq.num_prompt_tokens, num_hit)
+                seq.num_cached_prompt_tokens = min(num_hit, seq.num_prompt_tokens)
+                seq.prefix_lookup_done = True
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self._add_scheduled(out, seq, n)
+            budget -= n
+        return budget
+
+    def _add_scheduled(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
+        item = ScheduledSequence(seq, n, self.block_manager.block_table(seq.request_id))
+        (out.decodes if n == 1 else out.prefills).append(item)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq.request_id)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def update(self, scheduled: list[ScheduledSequence]) -> None:
+        """Advance progress after the step ran and register the blocks it filled in the prefix cache."""
+        for item in scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            # Only tokens whose KV is written count; a freshly sampled token is computed next step.
+            self.block_manager.cache_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence (finished or aborted) and free its blocks at once."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.free(seq.request_id)
