@@ -1,0 +1,133 @@
+"""Engine throughput against Hugging Face transformers' static-batch generate, measured side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tokenwire.engine import LLM, SamplingParams
+from tokenwire.engine.loader import default_model_path
+
+# Text whose tokens make the prompts (random slices), so prompts look like language, not noise.
+_CORPUS = (
+    "Retrieval-augmented generation pairs a language model with a search step: the question is used "
+    "to find passages, and the passages are put in the prompt so the model can answer from them. "
+    "The same long system prompt and the same popular passages arrive again and again, which is why "
+    "a server that caches the keys and values of shared prefixes answers them faster. Streaming "
+    "matters too: a reader sees the first words after a fraction of a second instead of waiting for "
+    "the whole answer. def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n"
+    "    return a\nLa tour Eiffel se trouve à Paris, capitale de la France. "
+) * 8
+
+
+@dataclass
+class Result:
+    """One measured configuration."""
+
+    system: str
+    dtype: str
+    num_requests: int
+    generated_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds
+
+
+def make_prompts(tokenizer: object, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    """n prompts of lo..hi tokens, each a random slice of the corpus' tokens."""
+    ids = tokenizer.encode(_CORPUS)  # type: ignore[attr-defined]
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        length = rng.randint(lo, hi)
+        start = rng.randint(0, len(ids) - length)
+        prompts.append(ids[start : start + length])
+    return prompts
+
+
+def run_ours(llm: LLM, prompts: list[list[int]], gen: int, dtype: str) -> Result:
+    params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    dt = time.perf_counter() - t0
+    return Result("tokenwire", dtype, len(prompts), sum(len(o.token_ids) for o in outs), dt)
+
+
+def run_hf(model: object, prompts: list[list[int]], gen: int, dtype: str, pad_id: int) -> Result:
+    """transformers generate over one static batch (left-padded), greedy, exactly `gen` new tokens."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kwargs = dict(max_new_tokens=gen, min_new_tokens=gen, do_sample=False, pad_token_id=pad_id)
+    with torch.inference_mode():
+        model.generate(input_ids[:2, -8:], attention_mask=mask[:2, -8:], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=pad_id)  # type: ignore[attr-defined]
+        t0 = time.perf_counter()
+        out = model.generate(input_ids, attention_mask=mask, **kwargs)  # type: ignore[attr-defined]
+        dt = time.perf_counter() - t0
+    return Result("transformers", dtype, len(prompts), int((out.shape[1] - width) * len(prompts)), dt)
+
+
+def load_hf(dtype: torch.dtype) -> object:
+    from transformers import AutoModelForCausalLM
+
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    return model.eval()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--prompt-min", type=int, default=32)
+    parser.add_argument("--prompt-max", type=int, default=256)
+    parser.add_argument("--gen", type=int, default=128)
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    results: list[Result] = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        llm = LLM(dtype=dtype_name, max_num_seqs=max(args.requests), max_num_batched_tokens=2048)
+        tok = llm.tokenizer
+        prompt_sets = {n: make_prompts(tok, n, args.prompt_min, args.prompt_max, seed=n) for n in args.requests}
+        alone = make_prompts(tok, 1, args.prompt_min, args.prompt_max, seed=1)
+        pad_id = (llm.loaded.eos_token_ids or [0])[0]
+        hf = load_hf(dtype)
+        # Alternate the systems so that drift in the machine's speed hits both alike.
+        for n, prompts in [(1, alone)] + list(prompt_sets.items()):
+            results.append(run_ours(llm, prompts, args.gen, dtype_name))
+            results.append(run_hf(hf, prompts, args.gen, dtype_name, pad_id))
+            print(f"  {dtype_name} n={n}: ours {results[-2].tokens_per_second:8.1f} tok/s, "
+                  f"transformers {results[-1].tokens_per_second:8.1f} tok/s", file=sys.stderr)
+        del llm, hf
+        gc.collect()
+
+    print(f"\n| requests | tokenwire best tok/s | transformers best tok/s | ratio |")
+    print("|---|---|---|---|")
+    for n in [1] + list(args.requests):
+        ours = max((r for r in results if r.system == "tokenwire" and r.num_requests == n), key=lambda r: r.tokens_per_second)
+        base = max((r for r in results if r.system == "transformers" and r.num_requests == n), key=lambda r: r.tokens_per_second)
+        print(f"| {n} | {ours.tokens_per_second:.1f} ({ours.dtype}) | {base.tokens_per_second:.1f} ({base.dtype}) "
+              f"| {ours.tokens_per_second / base.tokens_per_second:.2f}x |")
+    print("\nall runs:")
+    for r in results:
+        print(f"  {r.system:12s} {r.dtype:9s} n={r.num_requests:3d} {r.generated_tokens:6d} tokens {r.seconds:7.2f} s {r.tokens_per_second:8.1f} tok/s")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in results], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
