@@ -1,0 +1,378 @@
+"""Batched token sampling: penalties, temperature, top-k/top-p/min-p filters, seeded draws and logprobs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokenwire.engine.outputs import TokenLogprob
+from tokenwire.engine.sampling_params import SamplingParams
+
+# A filter maps its rows' logits [R, V] and their parameter values to a keep mask [R, V] bool.
+_KeepFn = Callable[[torch.Tensor, list[Any]], torch.Tensor]
+
+# NOTE: temperatures this small overflow float32 logits once divided (and are greedy in effect), so
+# such rows take the argmax like temperature 0.
+GREEDY_TEMPERATURE_EPS = 1e-5
+
+
+class SamplingState:
+    """One request's sampling state: parameters, token history, seeded generator, penalty counts.
+
+    The engine creates one at admission and calls :meth:`append` with every token the request
+    generates. Penalty bookkeeping is incremental: a request that uses penalties keeps a prompt
+    mask and a per-token count tensor over the vocabulary, built once on first use and updated in
+    O(1) per appended token, so a sampling step costs O(batch) Python work, not O(tokens so far).
+
+    Attributes:
+        params: the request's validated sampling parameters.
+        prompt_token_ids: the prompt's token ids.
+        output_token_ids: the tokens generated so far, in order.
+        eos_token_ids: the model's end-of-sequence tokens (masked while below ``min_tokens``).
+        generator: the request's own generator, seeded from ``params.seed``; None when unseeded
+            (the sampler's shared generator is used then).
+    """
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_token_ids: Sequence[int],
+        eos_token_ids: Iterable[int] = (),
+        device: torch.device | str = "cpu",
+    ) -> None:
+        """Create the state of a newly admitted request.
+
+        Args:
+            params: validated sampling parameters.
+            prompt_token_ids: the prompt's token ids (used by the repetition penalty).
+            eos_token_ids: the model's end-of-sequence token ids.
+            device: where the seeded generator lives; the sampler's logits device is best.
+        """
+        self.params = params
+        self.prompt_token_ids: list[int] = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.eos_token_ids: frozenset[int] = frozenset(eos_token_ids)
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed)
+        # NOTE: min_tokens masks the tokens that would end the request: stop_token_ids always, EOS
+        # only when it ends the request (not with ignore_eos, where EOS is an ordinary token).
+        ending = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            ending |= self.eos_token_ids
+        self._min_tokens_ids: tuple[int, ...] = tuple(sorted(ending))
+        self.greedy: bool = params.greedy or params.temperature < GREEDY_TEMPERATURE_EPS
+        self.uses_penalties: bool = (
+            params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        )
+        self.wants_logprobs: bool = params.logprobs or params.top_logprobs > 0
+        # Built lazily (the vocabulary size comes with the first logits): [V] bool and [V] int32.
+        self._prompt_mask: torch.Tensor | None = None
+        self._output_counts: torch.Tensor | None = None
+
+    @property
+    def num_output_tokens(self) -> int:
+        """How many tokens the request has generated."""
+        return len(self.output_token_ids)
+
+    def append(self, token_id: int) -> None:
+        """Record one generated token (O(1))."""
+        self.output_token_ids.append(token_id)
+        if self._output_counts is not None:
+            self._output_counts[token_id] += 1
+
+    def masked_token_ids(self) -> tuple[int, ...]:
+        """Token ids that must not be sampled now: the request's ending tokens while below ``min_tokens``."""
+        if len(self.output_token_ids) < self.params.min_tokens:
+            return self._min_tokens_ids
+        return ()
+
+    def penalty_tensors(self, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt mask and generated-token counts over the vocabulary, built on first use.
+
+        Args:
+            vocab_size: number of logits per row.
+            device: the logits' device.
+
+        Returns:
+            ``(prompt_mask, output_counts)``: ``[V]`` bool (token occurs in the prompt) and ``[V]``
+            int32 (times the token was generated).
+
+        Raises:
+            ValueError: a prompt or output token id is outside the vocabulary.
+        """
+        mask, counts = self._prompt_mask, self._output_counts
+        if mask is None or counts is None or counts.shape[0] != vocab_size or counts.device != device:
+            mask = _occurrences(self.prompt_token_ids, vocab_size, device, "prompt_token_ids") > 0
+            counts = _occurrences(self.output_token_ids, vocab_size, device, "output_token_ids")
+            self._prompt_mask, self._output_counts = mask, counts
+        return mask, counts
+
+
+def _occurrences(ids: list[int], vocab_size: int, device: torch.device, name: str) -> torch.Tensor:
+    # counts: [V] int32
+    if ids and not 0 <= min(ids) <= max(ids) < vocab_size:
+        raise ValueError(f"{name} must be token ids in [0, {vocab_size}), got ids from {min(ids)} to {max(ids)}")
+    t = torch.tensor(ids, dtype=torch.int64, device=device)
+    return torch.bincount(t, minlength=vocab_size).to(torch.int32)
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    """One sampling step's result, one entry per row of the logits.
+
+    Attributes:
+        token_ids: the sampled token of each row.
+        logprobs: per row, the sampled token's logprob and top alternatives, or None when the
+            row's request did not ask for logprobs.
+    """
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+class Sampler:
+    """Samples one token per row of a logits batch, each row with its own request's parameters.
+
+    Order of processing, per row (all of it batched as tensors over the rows):
+
+    1. repetition_penalty over prompt and generated tokens (Hugging Face style: a positive logit
+       is divided by the penalty, a negative one multiplied);
+    2. presence and frequency penalties over generated tokens only (OpenAI style:
+       ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``);
+    3. temperature (sampled rows only);
+    4. while fewer than ``min_tokens`` tokens were generated, ``stop_token_ids`` and (unless
+       ``ignore_eos``) the EOS tokens are masked out; ids outside the vocabulary are ignored;
+    5. top_k (ties with the k-th logit are kept), top_p (the smallest set of most likely tokens
+       whose mass reaches top_p) and min_p (tokens below ``min_p`` times the top probability are
+       dropped);
+    6. greedy rows (temperature 0, or top_k 1) take the argmax of the penalised logits; the others
+       draw from the softmax by an exponential race (``argmax(p / E)``, ``E ~ Exp(1)`` per token),
+       a seeded row drawing its noise from its own generator, so its tokens depend only on its seed
+       and its logits, not on the batch it shares or its row.
+
+    Logprobs are ``log_softmax`` of the model's raw logits, before penalties, temperature and
+    filters; they are computed only for rows whose request asked for them.
+    """
+
+    def __init__(self, seed: int | None = None, device: torch.device | str = "cpu") -> None:
+        """Create a sampler.
+
+        Args:
+            seed: seed of the generator shared by unseeded requests; None seeds it from the OS.
+            device: where that generator lives; the logits' device is best.
+        """
+        self._generator = torch.Generator(device=device)
+        if seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutput:
+        """Sample one token per row.
+
+        Args:
+            logits: ``[S, V]`` float logits, one row per sequence that samples this step.
+            states: the S sequences' sampling states, in row order.
+
+        Returns:
+            The sampled tokens and, for rows that asked, their logprobs.
+
+        Raises:
+            ValueError: logits is not 2-D floating point or its rows do not match ``states``.
+        """
+        _check_batch(logits, states)
+        if all(s.greedy and not s.uses_penalties and not s.masked_token_ids() for s in states):
+            # Fast path: nothing changes the argmax.
+            token_ids = logits.argmax(dim=-1)  # [S]
+        else:
+            token_ids = self._sample(process_logits(logits, states), states)
+        ids = token_ids.tolist()
+        return SamplerOutput(token_ids=ids, logprobs=compute_logprobs(logits, states, token_ids))
+
+    def _sample(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+        # logits: [S, V] processed; returns token_ids: [S] int64
+        token_ids = logits.argmax(dim=-1)
+        rows = [i for i, s in enumerate(states) if not s.greedy]
+        if not rows:
+            return token_ids
+        probs = logits[rows].softmax(dim=-1)  # [R, V]
+        noise = self._exponential_noise(probs.shape, probs.device, [states[i] for i in rows])  # [R, V]
+        token_ids[rows] = probs.div_(noise).argmax(dim=-1)
+        return token_ids
+
+    def _exponential_noise(
+        self, shape: torch.Size, device: torch.device, states: list[SamplingState]
+    ) -> torch.Tensor:
+        # noise: [R, V], Exp(1) per entry; seeded rows from their own generator, the rest share one.
+        noise = torch.empty(shape, dtype=torch.float32, device=device)
+        unseeded = [j for j, s in enumerate(states) if s.generator is None]
+        if unseeded:
+            noise[unseeded] = _exponential((len(unseeded), shape[1]), self._generator, device)
+        for j, s in enumerate(states):
+            if s.generator is not None:
+                noise[j] = _exponential((shape[1],), s.generator, device)
+        # NOTE: an exact zero draw would divide a zero probability by zero (NaN); keep it positive.
+        return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+def _exponential(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    # Drawn where the generator lives (a generator only feeds its own device), then moved.
+    draws = torch.empty(shape, dtype=torch.float32, device=generator.device).exponential_(generator=generator)
+    return draws.to(device)
+
+
+def process_logits(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+    """The logits each row samples from: penalties, temperature, min_tokens mask and filters applied.
+
+    See :class:`Sampler` for the order and semantics. Greedy rows get penalties and the
+    min_tokens mask only. Filtered-out tokens are ``-inf``.
+
+    Args:
+        logits: ``[S, V]`` raw logits (not modified).
+        states: the S rows' sampling states.
+
+    Returns:
+        A new ``[S, V]`` float32 tensor.
+    """
+    _check_batch(logits, states)
+    out = logits.to(torch.float32, copy=True)  # [S, V]
+    apply_penalties(out, states)
+    sampled = [i for i, s in enumerate(states) if not s.greedy]
+    if sampled:
+        temps = _row_values(out, [states[i].params.temperature for i in sampled])  # [R, 1]
+        out[sampled] = out[sampled] / temps
+    _apply_min_tokens_mask(out, states)
+    vocab_size = out.shape[1]
+    top_k_rows = [i for i in sampled if 0 < states[i].params.top_k < vocab_size]
+    _apply_filter(out, top_k_rows, [states[i].params.top_k for i in top_k_rows], _top_k)
+    top_p_rows = [i for i in sampled if states[i].params.top_p < 1.0]
+    _apply_filter(out, top_p_rows, [states[i].params.top_p for i in top_p_rows], _top_p)
+    min_p_rows = [i for i in sampled if states[i].params.min_p > 0.0]
+    _apply_filter(out, min_p_rows, [states[i].params.min_p for i in min_p_rows], _min_p)
+    return out
+
+
+def apply_penalties(logits: torch.Tensor, states: Sequence[SamplingState]) -> None:
+    """Apply repetition, presence and frequency penalties in place (rows without penalties untouched).
+
+    Args:
+        logits: ``[S, V]`` float32 logits, modified in place.
+        states: the S rows' sampling states.
+    """
+    rows = [i for i, s in enumerate(states) if s.uses_penalties]
+    if not rows:
+        return
+    vocab_size = logits.shape[1]
+    tensors = [states[i].penalty_tensors(vocab_size, logits.device) for i in rows]
+    prompt_mask = torch.stack([m for m, _ in tensors])  # [P, V] bool
+    counts = torch.stack([c for _, c in tensors]).to(torch.float32)  # [P, V]
+    params = [states[i].params for i in rows]
+    rep = _row_values(logits, [p.repetition_penalty for p in params])  # [P, 1]
+    presence = _row_values(logits, [p.presence_penalty for p in params])  # [P, 1]
+    frequency = _row_values(logits, [p.frequency_penalty for p in params])  # [P, 1]
+    sub = logits[rows]  # [P, V]
+    generated = counts > 0
+    seen = prompt_mask | generated
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    sub = sub - frequency * counts - presence * generated.to(torch.float32)
+    logits[rows] = sub
+
+
+def compute_logprobs(
+    logits: torch.Tensor, states: Sequence[SamplingState], token_ids: torch.Tensor
+) -> list[TokenLogprob | None]:
+    """Logprobs of the sampled tokens under the raw logits, for the rows that ask.
+
+    Args:
+        logits: ``[S, V]`` raw model logits (before penalties, temperature and filters).
+        states: the S rows' sampling states.
+        token_ids: ``[S]`` the sampled tokens.
+
+    Returns:
+        Per row, a :class:`TokenLogprob` with ``top_logprobs`` best alternatives, or None.
+    """
+    rows = [i for i, s in enumerate(states) if s.wants_logprobs]
+    result: list[TokenLogprob | None] = [None] * len(states)
+    if not rows:
+        return result
+    logprobs = torch.log_softmax(logits[rows].to(torch.float32), dim=-1)  # [L, V]
+    chosen = logprobs.gather(1, token_ids[rows].unsqueeze(1)).squeeze(1).tolist()  # [L]
+    n_top = max(states[i].params.top_logprobs for i in rows)
+    top_vals: list[list[float]] = [[] for _ in rows]
+    top_ids: list[list[int]] = [[] for _ in rows]
+    if n_top > 0:
+        top = logprobs.topk(min(n_top, logprobs.shape[1]), dim=-1)  # values, indices: [L, n_top]
+        top_vals, top_ids = top.values.tolist(), top.indices.tolist()
+    sampled_ids = token_ids.tolist()
+    for j, i in enumerate(rows):
+        n = states[i].params.top_logprobs
+        result[i] = TokenLogprob(
+            token_id=sampled_ids[i],
+            logprob=chosen[j],
+            top=tuple(zip(top_ids[j][:n], top_vals[j][:n])),
+        )
+    return result
+
+
+def _check_batch(logits: torch.Tensor, states: Sequence[SamplingState]) -> None:
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a 2-D float tensor [S, V], got {tuple(logits.shape)} {logits.dtype}")
+    if logits.shape[0] != len(states):
+        raise ValueError(f"logits has {logits.shape[0]} rows but states has {len(states)} entries")
+
+
+def _row_values(like: torch.Tensor, values: list[float]) -> torch.Tensor:
+    # One parameter per row as a column: [R, 1] float32 on the logits' device.
+    return torch.tensor(values, dtype=torch.float32, device=like.device).unsqueeze(1)
+
+
+def _apply_min_tokens_mask(logits: torch.Tensor, states: Sequence[SamplingState]) -> None:
+    vocab_size = logits.shape[1]
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, s in enumerate(states):
+        # NOTE: ids outside the vocabulary (user-given stop_token_ids) can never be sampled anyway.
+        ids = [t for t in s.masked_token_ids() if t < vocab_size]
+        rows.extend([i] * len(ids))
+        cols.extend(ids)
+    if rows:
+        logits[rows, cols] = float("-inf")
+
+
+def _apply_filter(logits: torch.Tensor, rows: list[int], values: list[Any], keep_fn: _KeepFn) -> None:
+    # Runs a filter on the rows that use it only (values: their parameter), so the others cost nothing.
+    if not rows:
+        return
+    sub = logits[rows]  # [R, V]
+    logits[rows] = sub.masked_fill(~keep_fn(sub, values), float("-inf"))
+
+
+def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    # logits: [R, V], every k in [1, V); returns keep: [R, V] bool
+    k = torch.tensor(ks, dtype=torch.int64, device=logits.device).unsqueeze(1)  # [R, 1]
+    top = logits.topk(max(ks), dim=-1).values  # [R, max_k], descending
+    kth = top.gather(1, k - 1)  # [R, 1]
+    return logits >= kth
+
+
+def _top_p(logits: torch.Tensor, ps: list[float]) -> torch.Tensor:
+    # logits: [R, V], every p in (0, 1); returns keep: [R, V] bool
+    p = _row_values(logits, ps)  # [R, 1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V] each
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    # NOTE: the most likely token has mass_before 0 < p, so at least one token always stays.
+    keep_sorted = mass_before < p
+    return torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
+
+
+def _min_p(logits: torch.Tensor, min_ps: list[float]) -> torch.Tensor:
+    # logits: [R, V], every min_p in (0, 1]; returns keep: [R, V] bool
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * _row_values(logits, min_ps)  # [R, 1]
+    return probs >= threshold
