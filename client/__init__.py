@@ -1,1 +1,82 @@
-"""placeholder."""
+"""tokenwire's Python client: streaming generation over one multiplexed gRPC stream (grpcio + protobuf only)."""
+
+from __future__ import annotations
+
+from tokenwire.client.aio import AsyncClient
+from tokenwire.client.config import DEFAULT, ClientConfig, KeepaliveConfig, RetryPolicy, TLSConfig
+from tokenwire.client.errors import (
+    AbortedError,
+    AlreadyExistsError,
+    CancelledError,
+    ClientClosedError,
+    DataLossError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    OverloadedError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    TokenwireError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+    UnknownError,
+    error_class,
+)
+from tokenwire.client.generation import AsyncGeneration
+from tokenwire.client.sync import Client, Generation
+from tokenwire.client.types import (
+    ChatMessage,
+    Completion,
+    FinishReason,
+    GenerationChunk,
+    HealthStatus,
+    ModelInfo,
+    SamplingKwargs,
+    TokenLogprob,
+    Usage,
+)
+
+__all__ = [
+    "DEFAULT",
+    "AbortedError",
+    "AlreadyExistsError",
+    "AsyncClient",
+    "AsyncGeneration",
+    "CancelledError",
+    "ChatMessage",
+    "Client",
+    "ClientClosedError",
+    "ClientConfig",
+    "Completion",
+    "DataLossError",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "FinishReason",
+    "Generation",
+    "GenerationChunk",
+    "HealthStatus",
+    "InternalError",
+    "InvalidArgumentError",
+    "KeepaliveConfig",
+    "ModelInfo",
+    "NotFoundError",
+    "OutOfRangeError",
+    "OverloadedError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "RetryPolicy",
+    "SamplingKwargs",
+    "TLSConfig",
+    "TokenLogprob",
+    "TokenwireError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "UnknownError",
+    "Usage",
+    "error_class",
+]

@@ -1,0 +1,297 @@
+"""Many generations over few Generate streams: routing by request id, cancels, deadlines, retries, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Union
+
+import grpc
+import grpc.aio
+
+from tokenwire.client.convert import cancel_request
+from tokenwire.client.endpoints import Replica, ReplicaSet
+from tokenwire.client.errors import (
+    AlreadyExistsError,
+    ClientClosedError,
+    DeadlineExceededError,
+    TokenwireError,
+    UnavailableError,
+    error_from_code,
+    error_from_rpc,
+)
+from tokenwire.client.v1 import generation_pb2 as pb
+
+QueueItem = Union[pb.GenerateResponse, TokenwireError]
+"""What a request's queue holds: the server's messages, then possibly one terminal error."""
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    """The client-side state of one generation, from submission until it settles.
+
+    Attributes:
+        request: the message that starts it (re-sent as is on a retry).
+        queue: its messages and, if it fails, one terminal error, in order.
+        timeout: seconds from submission until it is cancelled with DeadlineExceededError.
+        started: a message with tokens has reached the caller, so it is never retried.
+        abandoned: the caller is gone (cancel, deadline, early exit); later messages are dropped.
+        settled: it is off every stream and out of the id registry.
+        attempts: tries so far.
+        stream: the stream it is open on, if any.
+    """
+
+    request: pb.GenerateRequest
+    timeout: float | None = None
+    queue: asyncio.Queue[QueueItem] = field(default_factory=asyncio.Queue)
+    started: bool = False
+    abandoned: bool = False
+    settled: bool = False
+    attempts: int = 0
+    stream: MuxStream | None = None
+    _timers: list[asyncio.TimerHandle] = field(default_factory=list, repr=False)
+
+    @property
+    def request_id(self) -> str:
+        """The request's id on the wire."""
+        return self.request.request_id
+
+
+class MuxStream:
+    """One open bidirectional Generate call carrying many requests.
+
+    A writer task sends requests and cancels from a queue (grpc.aio allows one write at a time);
+    a reader task routes each response to its request by id. When the call ends, every request
+    still open on it is handed back to the multiplexer, which retries or fails it.
+    """
+
+    def __init__(self, mux: Multiplexer, replica: Replica) -> None:
+        """Start the call and its two tasks (no await: the call connects in the background)."""
+        self.replica = replica
+        self.alive = True
+        self._mux = mux
+        self._open: dict[str, PendingRequest] = {}
+        self._outbox: asyncio.Queue[pb.GenerateRequest | None] = asyncio.Queue()
+        self._call: grpc.aio.StreamStreamCall = replica.stub(mux.replicas.config).Generate(
+            metadata=mux.metadata
+        )
+        self._writer = asyncio.ensure_future(self._write_loop())
+        self._reader = asyncio.ensure_future(self._read_loop())
+
+    @property
+    def load(self) -> int:
+        """Requests open on this stream."""
+        return len(self._open)
+
+    def send(self, pending: PendingRequest) -> None:
+        """Open a request on this stream."""
+        self._open[pending.request_id] = pending
+        self.replica.load += 1
+        pending.stream = self
+        self._outbox.put_nowait(pending.request)
+
+    def send_cancel(self, request_id: str) -> None:
+        """Ask the server to cancel one open request; its final message still arrives."""
+        if self.alive and request_id in self._open:
+            self._outbox.put_nowait(cancel_request(request_id))
+
+    def _remove(self, request_id: str) -> PendingRequest | None:
+        pending = self._open.pop(request_id, None)
+        if pending is not None:
+            self.replica.load -= 1
+            pending.stream = None
+        return pending
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                message = await self._outbox.get()
+                if message is None:
+                    await self._call.done_writing()
+                    return
+                await self._call.write(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any write failure ends the stream
+            # NOTE: the reader usually sees the call's status first; this covers a write that
+            # fails on a call whose status has not arrived yet.
+            self._lost(UnavailableError(f"writing to the Generate stream failed: {exc}"))
+            self._call.cancel()
+
+    async def _read_loop(self) -> None:
+        error: TokenwireError = UnavailableError(
+            f"the server at {self.replica.endpoint.target} closed the Generate stream"
+        )
+        try:
+            while True:
+                response = await self._call.read()
+                if response is grpc.aio.EOF:
+                    break
+                final = response.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+                pending = self._remove(response.request_id) if final else self._open.get(response.request_id)
+                if pending is not None:
+                    self._mux.on_response(pending, response, final, self.replica)
+        except grpc.aio.AioRpcError as exc:
+            error = error_from_rpc(exc)
+        except asyncio.CancelledError:
+            error = ClientClosedError("the client was closed")
+            raise
+        finally:
+            self._lost(error)
+
+    def _lost(self, error: TokenwireError) -> None:
+        """End the stream: hand its open requests back to the multiplexer (idempotent)."""
+        if not self.alive:
+            return
+        self.alive = False
+        self._outbox.put_nowait(None)
+        orphans = [p for rid in list(self._open) if (p := self._remove(rid)) is not None]
+        self._mux.on_stream_lost(self, error, orphans)
+
+    async def close(self) -> None:
+        """Cancel the call (the server aborts its open requests) and stop both tasks."""
+        self._call.cancel()
+        self._writer.cancel()
+        await asyncio.gather(self._reader, self._writer, return_exceptions=True)
+
+
+class Multiplexer:
+    """Routes generations onto a few streams per replica and keeps them going across failures.
+
+    Requests that have not received a token are retried with backoff after UNAVAILABLE or
+    RESOURCE_EXHAUSTED (in-band or for the whole stream), on another replica when one is
+    available; requests that have received tokens fail with the typed error instead.
+    """
+
+    def __init__(self, replicas: ReplicaSet, metadata: tuple[tuple[str, str], ...]) -> None:
+        """Take the replicas to route to and the metadata every stream carries."""
+        self.replicas = replicas
+        self.metadata = metadata
+        self._streams: dict[Replica, list[MuxStream]] = {r: [] for r in replicas.replicas}
+        self._ids: set[str] = set()
+        self._closed = False
+
+    # -- submission and cancellation -------------------------------------------------------
+
+    def submit(self, pending: PendingRequest) -> None:
+        """Start a request now (call on the event loop).
+
+        Raises:
+            AlreadyExistsError: its id is in use by another open request of this client.
+            ClientClosedError: the client is closed.
+        """
+        if self._closed:
+            raise ClientClosedError("the client is closed", request_id=pending.request_id)
+        if pending.request_id in self._ids:
+            raise AlreadyExistsError("request id in use by an open request", request_id=pending.request_id)
+        self._ids.add(pending.request_id)
+        loop = asyncio.get_running_loop()
+        if pending.timeout is not None:
+            pending._timers.append(loop.call_later(pending.timeout, self._expire, pending))
+        self._dispatch(pending)
+
+    def abandon(self, pending: PendingRequest) -> None:
+        """The caller is done with a request: cancel it on the server if it is still open."""
+        if pending.abandoned or pending.settled:
+            pending.abandoned = True
+            return
+        pending.abandoned = True
+        if pending.stream is not None and pending.stream.alive:
+            # NOTE: keep the id registered until the final message confirms the cancel, so a
+            # late message cannot be mistaken for a new request with the same id.
+            pending.stream.send_cancel(pending.request_id)
+        else:
+            self._settle(pending)
+
+    def _expire(self, pending: PendingRequest) -> None:
+        if pending.settled or pending.abandoned:
+            return
+        self.abandon(pending)
+        pending.queue.put_nowait(
+            DeadlineExceededError(f"no result within {pending.timeout:g} s", request_id=pending.request_id)
+        )
+
+    def _settle(self, pending: PendingRequest) -> None:
+        if pending.settled:
+            return
+        pending.settled = True
+        self._ids.discard(pending.request_id)
+        for timer in pending._timers:
+            timer.cancel()
+        pending._timers.clear()
+
+    # -- routing --------------------------------------------------------------------------
+
+    def _dispatch(self, pending: PendingRequest, avoid: Replica | None = None) -> None:
+        if pending.abandoned or pending.settled:
+            return
+        if self._closed:
+            self._fail(pending, ClientClosedError("the client was closed"))
+            return
+        pending.attempts += 1
+        self._stream_for(self.replicas.pick(exclude=avoid)).send(pending)
+
+    def _stream_for(self, replica: Replica) -> MuxStream:
+        streams = self._streams[replica]
+        best = min(streams, key=lambda s: s.load, default=None)
+        # NOTE: open streams one at a time as concurrency needs them; on a round-robin target
+        # each new stream lands on the next address, spreading requests across them.
+        if best is None or (best.load > 0 and len(streams) < replica.max_streams):
+            best = MuxStream(self, replica)
+            streams.append(best)
+        return best
+
+    def on_response(
+        self, pending: PendingRequest, response: pb.GenerateResponse, final: bool, replica: Replica
+    ) -> None:
+        """Deliver one routed message, or retry a request refused before its first token."""
+        if replica.failures:
+            self.replicas.mark_ok(replica)
+        if pending.abandoned:
+            if final:
+                self._settle(pending)
+            return
+        if final and response.finish_reason == pb.FINISH_REASON_ERROR and not pending.started:
+            error = error_from_code(response.error.code, response.error.message, request_id=pending.request_id)
+            if error.retryable:
+                self._retry_or_fail(pending, error, avoid=replica)
+                return
+        if response.token_ids or response.text:
+            pending.started = True
+        if final:
+            self._settle(pending)
+        pending.queue.put_nowait(response)
+
+    def on_stream_lost(self, stream: MuxStream, error: TokenwireError, orphans: list[PendingRequest]) -> None:
+        """A stream ended: forget it, cool its replica down, retry or fail its open requests."""
+        streams = self._streams.get(stream.replica, [])
+        if stream in streams:
+            streams.remove(stream)
+        if self._closed:
+            error = ClientClosedError("the client was closed")
+        elif error.code == grpc.StatusCode.UNAVAILABLE:
+            self.replicas.mark_failed(stream.replica)
+        for pending in orphans:
+            if pending.abandoned:
+                self._settle(pending)
+            else:
+                self._retry_or_fail(pending, type(error)(error.details, request_id=pending.request_id), stream.replica)
+
+    def _retry_or_fail(self, pending: PendingRequest, error: TokenwireError, avoid: Replica | None) -> None:
+        policy = self.replicas.config.retry
+        if self._closed or pending.started or not error.retryable or pending.attempts >= policy.max_attempts:
+            self._fail(pending, error)
+            return
+        delay = policy.backoff_s(pending.attempts)
+        loop = asyncio.get_running_loop()
+        pending._timers.append(loop.call_later(delay, self._dispatch, pending, avoid))
+
+    def _fail(self, pending: PendingRequest, error: TokenwireError) -> None:
+        self._settle(pending)
+        pending.queue.put_nowait(error)
+
+    async def close(self) -> None:
+        """Cancel every stream; requests still open fail with ClientClosedError."""
+        self._closed = True
+        streams = [s for group in self._streams.values() for s in group]
+        await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
