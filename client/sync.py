@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 from tokenwire.client.aio import AsyncClient
 from tokenwire.client.config import DEFAULT, ClientConfig, ClientOptions, TimeoutArg
 from tokenwire.client.convert import MessageLike, PromptInput
-from tokenwire.client.errors import TokenwireError
+from tokenwire.client.errors import ClientClosedError, TokenwireError
 from tokenwire.client.generation import AsyncGeneration
 from tokenwire.client.types import Completion, GenerationChunk, HealthStatus, ModelInfo, SamplingKwargs
 
@@ -30,7 +30,14 @@ class _LoopThread:
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run a coroutine on the loop and wait for it; an interrupt (Ctrl-C) cancels it."""
+        """Run a coroutine on the loop and wait for it; an interrupt (Ctrl-C) cancels it.
+
+        Raises:
+            ClientClosedError: the loop was stopped by `Client.close`.
+        """
+        if self.loop.is_closed():
+            coro.close()
+            raise ClientClosedError("the client is closed")
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result()
