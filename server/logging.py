@@ -46,7 +46,7 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Tex
 
 def get_logger(name: str) -> Any:
     """A structlog logger bound to a component name."""
-    return structlog.get_logger(name).bind(component=name)
+    return structlog.get_logger(name, component=name)
 
 
 class RequestLog:

@@ -1,0 +1,186 @@
+"""The multiplexed Generate stream on the real default model: answers, cancels, in-band errors, half-close."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from tokenwire.client.v1 import generation_pb2 as pb
+from tokenwire.client.v1 import generation_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+
+GREEDY = pb.SamplingParams(temperature=0.0)
+
+
+def chat(*turns: tuple[str, str]) -> pb.Chat:
+    return pb.Chat(messages=[pb.ChatMessage(role=role, content=content) for role, content in turns])
+
+
+def test_greedy_capital_of_france_is_paris(conversation: Callable[..., Any], engine: Any) -> None:
+    c = conversation()
+    c.send("paris", chat=chat(("user", "What is the capital of France?")), sampling=GREEDY, max_tokens=16)
+    c.half_close()
+    messages = c.read_all()
+    final = c.final_of(messages)
+    text = "".join(m.text for m in messages)
+    ids = [t for m in messages for t in m.token_ids]
+    assert "Paris" in text
+    assert final.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    assert final.usage.completion_tokens == len(ids) and final.usage.prompt_tokens > 0
+    # The deltas add up to the decoded completion (an end-of-sequence token adds no text).
+    assert text == engine.core.tokenizer.decode(ids)
+
+
+def test_many_requests_and_cancels_on_one_stream(
+    conversation: Callable[..., Any], engine: Any, blocks_freed: Callable[[], None]
+) -> None:
+    c = conversation()
+    vocab = engine.model_info.vocab_size
+    plain = {
+        "text": {"text": "The sky is", "max_tokens": 3},
+        "tokens": {"tokens": pb.TokenIds(ids=[504, 3458, 314]), "max_tokens": 4},
+        "chat": {"chat": chat(("user", "Say hi.")), "max_tokens": 5},
+        "seeded": {"text": "Once upon a time", "max_tokens": 4, "sampling": pb.SamplingParams(seed=7)},
+        "logprobs": {"text": "1, 2, 3,", "max_tokens": 3, "logprobs": True, "top_logprobs": 2},
+    }
+    c.cancel("never-opened")  # harmless
+    c.send("long-1", text="Count to one thousand:", max_tokens=500, ignore_eos=True, sampling=GREEDY)
+    for rid, fields in plain.items():
+        c.send(rid, ignore_eos=True, **({"sampling": GREEDY} | fields))
+    c.send("long-2", text="List every prime:", max_tokens=500, ignore_eos=True, sampling=GREEDY)
+    # Cancel the long requests once each has produced a token, while the others still run.
+    seen: set[str] = set()
+    c.read_until(lambda r: r.request_id.startswith("long") and seen.add(r.request_id) is None and len(seen) == 2)
+    c.cancel("long-1")
+    c.cancel("long-2")
+    c.cancel("long-1")  # twice: harmless
+    c.half_close()
+    c.read_all()
+    grouped = c.by_request()
+
+    assert set(grouped) == set(plain) | {"long-1", "long-2"}
+    for rid, fields in plain.items():
+        final = c.final_of(grouped[rid])
+        ids = [t for m in grouped[rid] for t in m.token_ids]
+        assert final.finish_reason == pb.FINISH_REASON_LENGTH, rid
+        assert len(ids) == fields["max_tokens"] == final.usage.completion_tokens, rid
+        assert all(0 <= t < vocab for t in ids)
+    for rid in ("long-1", "long-2"):
+        final = c.final_of(grouped[rid])
+        ids = [t for m in grouped[rid] for t in m.token_ids]
+        assert final.finish_reason == pb.FINISH_REASON_CANCELLED, rid
+        assert 1 <= len(ids) == final.usage.completion_tokens < 500
+    logprobs = [lp for m in grouped["logprobs"] for lp in m.logprobs]
+    assert len(logprobs) == 3 and all(len(lp.top_logprobs) == 2 and lp.logprob <= 0 for lp in logprobs)
+    # Greedy: the sampled token is the most likely alternative.
+    assert all(lp.token_id == lp.top_logprobs[0].token_id for lp in logprobs)
+    blocks_freed()
+
+
+def test_per_request_errors_come_back_in_band(conversation: Callable[..., Any], engine: Any) -> None:
+    info = engine.model_info
+    c = conversation()
+    c.send("ok", text="Hello", max_tokens=6, ignore_eos=True, sampling=GREEDY)
+    c.send("ok", text="Hello again", max_tokens=2)  # duplicate of an open id
+    c.send("bad-param", text="Hello", sampling=pb.SamplingParams(top_p=1.5))
+    c.send("too-long", tokens=pb.TokenIds(ids=[42] * (info.max_context_length + 1)))
+    c.send("bad-token", tokens=pb.TokenIds(ids=[1, info.vocab_size + 5]))
+    c.send("bad-stop-token", text="Hi", stop_token_ids=[info.vocab_size])
+    c.send("no-input", max_tokens=2)
+    c.send("", text="Hi")
+    c.send("many-logprobs", text="Hi", top_logprobs=50)
+    c.half_close()
+    c.read_all()
+    grouped = c.by_request()
+
+    def error_of(rid: str, index: int = -1) -> pb.RequestError:
+        message = grouped[rid][index]
+        assert message.finish_reason == pb.FINISH_REASON_ERROR and not message.token_ids
+        return message.error
+
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert error_of("bad-param").code == invalid and "top_p" in error_of("bad-param").message
+    assert error_of("too-long").code == invalid and "context length" in error_of("too-long").message
+    assert error_of("bad-token").code == invalid and "unknown token id" in error_of("bad-token").message
+    assert error_of("bad-stop-token").code == invalid and "stop_token_ids" in error_of("bad-stop-token").message
+    assert error_of("no-input").code == invalid and "input" in error_of("no-input").message
+    assert error_of("").code == invalid and "request_id" in error_of("").message
+    assert error_of("many-logprobs").code == invalid and "top_logprobs" in error_of("many-logprobs").message
+    for rid in ("bad-param", "too-long", "bad-token", "bad-stop-token", "no-input", "", "many-logprobs"):
+        assert len(grouped[rid]) == 1
+    # The duplicate is refused with ALREADY_EXISTS; the open request it collided with goes on.
+    duplicate = [m for m in grouped["ok"] if m.finish_reason == pb.FINISH_REASON_ERROR]
+    assert len(duplicate) == 1 and duplicate[0].error.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
+    rest = [m for m in grouped["ok"] if m is not duplicate[0]]
+    final = rest[-1]
+    assert [m for m in rest if m.finish_reason] == [final]
+    assert final.finish_reason == pb.FINISH_REASON_LENGTH and sum(len(m.token_ids) for m in rest) == 6
+
+
+def test_queue_full_is_in_band_and_the_stream_goes_on(
+    start_server: Callable[..., Any], engine: Any, loop_thread: Any, conversation: Callable[..., Any]
+) -> None:
+    from tokenwire.engine.async_engine import AsyncEngine
+    from tokenwire.engine.config import EngineArgs
+
+    # A second engine on the same weights, admitting one sequence with one waiting behind it.
+    small = AsyncEngine(
+        EngineArgs(kv_cache_memory=8 * 1024 * 1024, max_num_seqs=1, max_queued_requests=1), loaded=engine.core.loaded
+    )
+    loop_thread.run(small.start())
+    try:
+        running = start_server(engine_override=small)
+        with grpc.insecure_channel(running.address) as channel:
+            c = conversation(on=pb_grpc.GenerationServiceStub(channel))
+            for i in range(6):
+                c.send(f"q{i}", text="Hi", max_tokens=2, ignore_eos=True, sampling=GREEDY)
+            c.half_close()
+            c.read_all()
+            grouped = c.by_request()
+        assert set(grouped) == {f"q{i}" for i in range(6)}
+        finals = {rid: messages[-1] for rid, messages in grouped.items()}
+        full = [rid for rid, f in finals.items() if f.finish_reason == pb.FINISH_REASON_ERROR]
+        done = [rid for rid, f in finals.items() if f.finish_reason == pb.FINISH_REASON_LENGTH]
+        assert full and done and len(full) + len(done) == 6
+        for rid in full:
+            assert finals[rid].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            assert "queue is full" in finals[rid].error.message
+    finally:
+        loop_thread.run(small.shutdown())
+
+
+def test_half_close_lets_open_requests_finish(conversation: Callable[..., Any]) -> None:
+    c = conversation()
+    for rid in ("h1", "h2"):
+        c.send(rid, text="Water is", max_tokens=3, ignore_eos=True, sampling=GREEDY)
+    c.half_close()  # at once, while both are open
+    c.read_all()
+    grouped = c.by_request()
+    assert c.call.code() == grpc.StatusCode.OK
+    for rid in ("h1", "h2"):
+        assert grouped[rid][-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert sum(len(m.token_ids) for m in grouped[rid]) == 3
+
+
+def test_tokenize_and_model_info(stub: pb_grpc.GenerationServiceStub, engine: Any) -> None:
+    text = stub.Tokenize(pb.TokenizeRequest(text="Hello world"), timeout=30)
+    assert list(text.token_ids) == engine.tokenize(text="Hello world")
+    messages = [{"role": "user", "content": "Hi"}]
+    chatted = stub.Tokenize(pb.TokenizeRequest(chat=chat(("user", "Hi"))), timeout=30)
+    assert list(chatted.token_ids) == engine.tokenize(messages=messages)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Tokenize(pb.TokenizeRequest(), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+    expected = engine.model_info
+    assert (info.model_name, info.architecture, info.vocab_size) == (
+        expected.model_name, expected.architecture, expected.vocab_size)
+    assert info.max_context_length == expected.max_context_length
+    assert list(info.eos_token_ids) == list(expected.eos_token_ids) and info.eos_token_ids
+    assert (info.dtype, info.device, info.kv_block_size, info.kv_blocks_total) == (
+        expected.dtype, expected.device, expected.kv_block_size, expected.kv_blocks_total)
+    assert info.has_chat_template
