@@ -14,6 +14,11 @@ from tokenwire.engine.sampling_params import SamplingParams
 # A filter maps its rows' logits [R, V] and their parameter values to a keep mask [R, V] bool.
 _KeepFn = Callable[[torch.Tensor, list[Any]], torch.Tensor]
 
+# Tokens per block of the two-level inverse-CDF draw (see `inverse_cdf_draw`).
+CDF_BLOCK = 256
+# top_p ranks only this many most likely tokens first; rows whose nucleus is wider rank them all.
+TOP_P_CANDIDATES = 256
+
 # NOTE: temperatures this small overflow float32 logits once divided (and are greedy in effect), so
 # such rows take the argmax like temperature 0.
 GREEDY_TEMPERATURE_EPS = 1e-5
@@ -34,6 +39,10 @@ class SamplingState:
         eos_token_ids: the model's end-of-sequence tokens (masked while below ``min_tokens``).
         generator: the request's own generator, seeded from ``params.seed``; None when unseeded
             (the sampler's shared generator is used then).
+        greedy: the request takes the argmax (temperature 0 or below ``GREEDY_TEMPERATURE_EPS``,
+            or top_k 1).
+        uses_penalties: any of the repetition, presence or frequency penalties is on.
+        wants_logprobs: the request asked for logprobs (``logprobs`` or ``top_logprobs > 0``).
     """
 
     def __init__(
@@ -70,7 +79,8 @@ class SamplingState:
             params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
         )
         self.wants_logprobs: bool = params.logprobs or params.top_logprobs > 0
-        # Built lazily (the vocabulary size comes with the first logits): [V] bool and [V] int32.
+        # Built lazily (the vocabulary size comes with the first logits): [V] uint8 and [V] float32.
+        # NOTE: not bool/int32: torch.stack of those dtypes runs a slow path on CPU (10-100x).
         self._prompt_mask: torch.Tensor | None = None
         self._output_counts: torch.Tensor | None = None
 
@@ -99,26 +109,26 @@ class SamplingState:
             device: the logits' device.
 
         Returns:
-            ``(prompt_mask, output_counts)``: ``[V]`` bool (token occurs in the prompt) and ``[V]``
-            int32 (times the token was generated).
+            ``(prompt_mask, output_counts)``: ``[V]`` uint8 (1 where the token occurs in the
+            prompt) and ``[V]`` float32 (times the token was generated; exact below 2^24).
 
         Raises:
             ValueError: a prompt or output token id is outside the vocabulary.
         """
         mask, counts = self._prompt_mask, self._output_counts
         if mask is None or counts is None or counts.shape[0] != vocab_size or counts.device != device:
-            mask = _occurrences(self.prompt_token_ids, vocab_size, device, "prompt_token_ids") > 0
+            mask = (_occurrences(self.prompt_token_ids, vocab_size, device, "prompt_token_ids") > 0).to(torch.uint8)
             counts = _occurrences(self.output_token_ids, vocab_size, device, "output_token_ids")
             self._prompt_mask, self._output_counts = mask, counts
         return mask, counts
 
 
 def _occurrences(ids: list[int], vocab_size: int, device: torch.device, name: str) -> torch.Tensor:
-    # counts: [V] int32
+    # counts: [V] float32
     if ids and not 0 <= min(ids) <= max(ids) < vocab_size:
         raise ValueError(f"{name} must be token ids in [0, {vocab_size}), got ids from {min(ids)} to {max(ids)}")
     t = torch.tensor(ids, dtype=torch.int64, device=device)
-    return torch.bincount(t, minlength=vocab_size).to(torch.int32)
+    return torch.bincount(t, minlength=vocab_size).to(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -150,10 +160,11 @@ class Sampler:
     5. top_k (ties with the k-th logit are kept), top_p (the smallest set of most likely tokens
        whose mass reaches top_p) and min_p (tokens below ``min_p`` times the top probability are
        dropped);
-    6. greedy rows (temperature 0, or top_k 1) take the argmax of the penalised logits; the others
-       draw from the softmax by an exponential race (``argmax(p / E)``, ``E ~ Exp(1)`` per token),
-       a seeded row drawing its noise from its own generator, so its tokens depend only on its seed
-       and its logits, not on the batch it shares or its row.
+    6. greedy rows (temperature 0 or below ``GREEDY_TEMPERATURE_EPS``, or top_k 1) take the
+       argmax of the penalised logits; the others draw from the softmax by inverting its CDF at
+       one uniform number per row (see :func:`inverse_cdf_draw`). A seeded row takes its number
+       from its own generator, so its tokens depend only on its seed and its logits, not on the
+       batch it shares or its row.
 
     Logprobs are ``log_softmax`` of the model's raw logits, before penalties, temperature and
     filters; they are computed only for rows whose request asked for them.
@@ -196,34 +207,80 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
         # logits: [S, V] processed; returns token_ids: [S] int64
-        token_ids = logits.argmax(dim=-1)
-        rows = [i for i, s in enumerate(states) if not s.greedy]
-        if not rows:
-            return token_ids
-        probs = logits[rows].softmax(dim=-1)  # [R, V]
-        noise = self._exponential_noise(probs.shape, probs.device, [states[i] for i in rows])  # [R, V]
-        token_ids[rows] = probs.div_(noise).argmax(dim=-1)
+        greedy = [i for i, s in enumerate(states) if s.greedy]
+        sampled = [i for i, s in enumerate(states) if not s.greedy]
+        token_ids = torch.empty(len(states), dtype=torch.int64, device=logits.device)
+        if greedy:
+            token_ids[greedy] = _rows(logits, greedy).argmax(dim=-1)
+        if sampled:
+            uniforms = self._uniforms([states[i] for i in sampled], logits.device)  # [R] float64
+            token_ids[sampled] = inverse_cdf_draw(_rows(logits, sampled), uniforms)
         return token_ids
 
-    def _exponential_noise(
-        self, shape: torch.Size, device: torch.device, states: list[SamplingState]
-    ) -> torch.Tensor:
-        # noise: [R, V], Exp(1) per entry; seeded rows from their own generator, the rest share one.
-        noise = torch.empty(shape, dtype=torch.float32, device=device)
+    def _uniforms(self, states: list[SamplingState], device: torch.device) -> torch.Tensor:
+        # One U[0, 1) draw per row: a seeded row's from its own generator, the others' from the shared one.
+        uniforms = torch.empty(len(states), dtype=torch.float64, device=device)  # [R]
         unseeded = [j for j, s in enumerate(states) if s.generator is None]
         if unseeded:
-            noise[unseeded] = _exponential((len(unseeded), shape[1]), self._generator, device)
+            uniforms[unseeded] = _uniform(len(unseeded), self._generator, device)
         for j, s in enumerate(states):
             if s.generator is not None:
-                noise[j] = _exponential((shape[1],), s.generator, device)
-        # NOTE: an exact zero draw would divide a zero probability by zero (NaN); keep it positive.
-        return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+                uniforms[j] = _uniform(1, s.generator, device)[0]
+        return uniforms
 
 
-def _exponential(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    # Drawn where the generator lives (a generator only feeds its own device), then moved.
-    draws = torch.empty(shape, dtype=torch.float32, device=generator.device).exponential_(generator=generator)
-    return draws.to(device)
+def _uniform(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    # Drawn where the generator lives (a generator only feeds its own device), then moved: [n] float64.
+    return torch.rand(n, dtype=torch.float64, device=generator.device, generator=generator).to(device)
+
+
+def inverse_cdf_draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row from ``softmax(logits)`` by inverting its CDF at the given uniforms.
+
+    Two levels keep the draw exact for unlikely tokens at float32 cost: a float64 CDF over blocks
+    of ``CDF_BLOCK`` tokens picks the block, a float64 CDF inside that block picks the token.
+    (A float32 CDF over a whole vocabulary would round the tail of a peaked distribution away.)
+    Tokens with ``-inf`` logits have no mass and are never drawn.
+
+    Args:
+        logits: ``[R, V]`` float logits, at least one finite per row.
+        uniforms: ``[R]`` float64 draws in [0, 1), one per row.
+
+    Returns:
+        ``[R]`` int64 token ids: row r gets the token whose CDF interval holds ``uniforms[r]``.
+    """
+    rows, vocab = logits.shape
+    weights = logits - logits.amax(dim=-1, keepdim=True)
+    weights.exp_()  # [R, V] unnormalised probabilities, -inf -> 0
+    num_blocks = -(-vocab // CDF_BLOCK)
+    if num_blocks * CDF_BLOCK != vocab:
+        weights = torch.nn.functional.pad(weights, (0, num_blocks * CDF_BLOCK - vocab))  # no mass
+    blocks = weights.view(rows, num_blocks, CDF_BLOCK)
+    # NOTE: summed in float32 (exact enough for 256 terms), then float64 for the running total.
+    block_mass = blocks.sum(dim=-1).to(torch.float64)  # [R, NB]
+    block, within = _invert_cdf(block_mass, uniforms)  # [R] each
+    inner_mass = blocks[torch.arange(rows, device=logits.device), block].to(torch.float64)  # [R, B]
+    inner, _ = _invert_cdf(inner_mass, within)
+    return block * CDF_BLOCK + inner
+
+
+def _invert_cdf(mass: torch.Tensor, fraction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index whose CDF interval holds ``fraction`` of each row's mass, and where inside it (in [0, 1]).
+
+    Args:
+        mass: ``[R, n]`` float64, non-negative, some mass in every row.
+        fraction: ``[R]`` float64 in [0, 1).
+    """
+    cdf = mass.cumsum(dim=-1)  # [R, n]
+    total = cdf[:, -1]
+    # NOTE: rounding can put the target at the total; capping it just below means the interval
+    # found always has mass, so a zero-probability entry is never picked.
+    target = torch.minimum(fraction * total, torch.nextafter(total, torch.zeros_like(total)))
+    index = torch.searchsorted(cdf, target.unsqueeze(1), right=True)  # [R, 1]: cdf[i-1] <= target < cdf[i]
+    upper = cdf.gather(1, index).squeeze(1)
+    width = mass.gather(1, index).squeeze(1)
+    within = ((target - (upper - width)) / width).clamp_(0.0, 1.0)
+    return index.squeeze(1), within
 
 
 def process_logits(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
@@ -244,8 +301,8 @@ def process_logits(logits: torch.Tensor, states: Sequence[SamplingState]) -> tor
     apply_penalties(out, states)
     sampled = [i for i, s in enumerate(states) if not s.greedy]
     if sampled:
-        temps = _row_values(out, [states[i].params.temperature for i in sampled])  # [R, 1]
-        out[sampled] = out[sampled] / temps
+        # NOTE: greedy rows divide by 1, which is exact: one pass over all rows, no row gather.
+        out.div_(_row_values(out, [1.0 if s.greedy else s.params.temperature for s in states]))
     _apply_min_tokens_mask(out, states)
     vocab_size = out.shape[1]
     top_k_rows = [i for i in sampled if 0 < states[i].params.top_k < vocab_size]
@@ -269,18 +326,23 @@ def apply_penalties(logits: torch.Tensor, states: Sequence[SamplingState]) -> No
         return
     vocab_size = logits.shape[1]
     tensors = [states[i].penalty_tensors(vocab_size, logits.device) for i in rows]
-    prompt_mask = torch.stack([m for m, _ in tensors])  # [P, V] bool
-    counts = torch.stack([c for _, c in tensors]).to(torch.float32)  # [P, V]
+    counts = torch.stack([c for _, c in tensors])  # [P, V] float32
+    generated = counts > 0  # [P, V] bool
     params = [states[i].params for i in rows]
-    rep = _row_values(logits, [p.repetition_penalty for p in params])  # [P, 1]
-    presence = _row_values(logits, [p.presence_penalty for p in params])  # [P, 1]
-    frequency = _row_values(logits, [p.frequency_penalty for p in params])  # [P, 1]
-    sub = logits[rows]  # [P, V]
-    generated = counts > 0
-    seen = prompt_mask | generated
-    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    sub = sub - frequency * counts - presence * generated.to(torch.float32)
-    logits[rows] = sub
+    sub = _rows(logits, rows)  # [P, V]
+    # NOTE: each half is skipped when no row uses it: they are several passes over [P, V] each.
+    if any(p.repetition_penalty != 1.0 for p in params):
+        rep = _row_values(logits, [p.repetition_penalty for p in params])  # [P, 1]
+        seen = torch.stack([m for m, _ in tensors]).view(torch.bool) | generated  # prompt or generated
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
+        presence = _row_values(logits, [p.presence_penalty for p in params])  # [P, 1]
+        frequency = _row_values(logits, [p.frequency_penalty for p in params])  # [P, 1]
+        sub = sub - frequency * counts - presence * generated
+    if len(rows) == logits.shape[0]:
+        logits.copy_(sub)
+    else:
+        logits[rows] = sub
 
 
 def compute_logprobs(
@@ -300,7 +362,7 @@ def compute_logprobs(
     result: list[TokenLogprob | None] = [None] * len(states)
     if not rows:
         return result
-    logprobs = torch.log_softmax(logits[rows].to(torch.float32), dim=-1)  # [L, V]
+    logprobs = torch.log_softmax(_rows(logits, rows).to(torch.float32), dim=-1)  # [L, V]
     chosen = logprobs.gather(1, token_ids[rows].unsqueeze(1)).squeeze(1).tolist()  # [L]
     n_top = max(states[i].params.top_logprobs for i in rows)
     top_vals: list[list[float]] = [[] for _ in rows]
@@ -344,12 +406,22 @@ def _apply_min_tokens_mask(logits: torch.Tensor, states: Sequence[SamplingState]
         logits[rows, cols] = float("-inf")
 
 
+def _rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    # The given rows of t (ascending, distinct, as every row list here is): t itself, without a
+    # copy, when they are all of its rows.
+    return t if len(rows) == t.shape[0] else t[rows]
+
+
 def _apply_filter(logits: torch.Tensor, rows: list[int], values: list[Any], keep_fn: _KeepFn) -> None:
     # Runs a filter on the rows that use it only (values: their parameter), so the others cost nothing.
     if not rows:
         return
-    sub = logits[rows]  # [R, V]
-    logits[rows] = sub.masked_fill(~keep_fn(sub, values), float("-inf"))
+    sub = _rows(logits, rows)  # [R, V]
+    drop = ~keep_fn(sub, values)
+    if sub is logits:
+        logits.masked_fill_(drop, float("-inf"))
+    else:
+        logits[rows] = sub.masked_fill(drop, float("-inf"))
 
 
 def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
@@ -363,12 +435,27 @@ def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
 def _top_p(logits: torch.Tensor, ps: list[float]) -> torch.Tensor:
     # logits: [R, V], every p in (0, 1); returns keep: [R, V] bool
     p = _row_values(logits, ps)  # [R, 1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V] each
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    # NOTE: the most likely token has mass_before 0 < p, so at least one token always stays.
-    keep_sorted = mass_before < p
-    return torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
+    probs = logits.softmax(dim=-1)  # [R, V]
+    # NOTE: ranking the whole vocabulary (a full sort) costs some 20 passes over the logits; the
+    # nucleus almost always lies within the few hundred most likely tokens, so rank those first
+    # and rank everything only for the rows whose candidates hold less than their top_p mass.
+    keep, covered = _nucleus(probs, p, min(TOP_P_CANDIDATES, probs.shape[1]))
+    if not bool(covered.all()):
+        wide = (~covered).nonzero().squeeze(1)
+        keep[wide] = _nucleus(probs[wide], p[wide], probs.shape[1])[0]
+    return keep
+
+
+def _nucleus(probs: torch.Tensor, p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # probs: [R, V], p: [R, 1]. Ranks the k most likely tokens and keeps those with less than p
+    # mass before them; returns keep [R, V] bool, and covered [R] bool: the k tokens hold mass p,
+    # so no token outside them belongs to the nucleus.
+    top_probs, top_ids = probs.topk(k, dim=-1)  # [R, k] each, most likely first
+    cum = top_probs.cumsum(dim=-1)
+    # The most likely token has no mass before it (0 < p), so at least one token always stays.
+    keep_ranked = (cum - top_probs) < p
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top_ids, keep_ranked)
+    return keep, (cum[:, -1:] >= p).squeeze(1)
 
 
 def _min_p(logits: torch.Tensor, min_ps: list[float]) -> torch.Tensor:

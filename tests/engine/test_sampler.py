@@ -9,7 +9,14 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from tokenwire.engine.sampler import Sampler, SamplingState, apply_penalties, process_logits
+from tokenwire.engine.sampler import (
+    TOP_P_CANDIDATES,
+    Sampler,
+    SamplingState,
+    apply_penalties,
+    inverse_cdf_draw,
+    process_logits,
+)
 from tokenwire.engine.sampling_params import SamplingParams
 
 VOCAB = 64
@@ -148,6 +155,54 @@ def test_top_p_one_and_top_k_zero_keep_everything() -> None:
     logits = repeat_rows(SMALL_LOGITS, 2)
     out = process_logits(logits, [make_state(top_p=1.0, top_k=0), make_state(top_k=len(SMALL_LOGITS))])
     assert torch.equal(out, logits)
+
+
+def _reference_top_p_keep(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Top-p by sorting the whole row: keep tokens with less than p mass before them. [R, V] bool."""
+    probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
+    keep_sorted = (probs.cumsum(dim=-1) - probs) < p
+    return torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
+
+
+def test_top_p_matches_a_full_sort_for_peaked_and_flat_rows() -> None:
+    vocab = 4 * TOP_P_CANDIDATES
+    peaked = make_logits(1, vocab, seed=1)
+    peaked[0, :5] += 12.0  # the nucleus lies within the first-ranked candidates
+    flat = make_logits(1, vocab, seed=2, scale=0.1)  # its nucleus is wider than the candidates
+    logits = torch.cat([peaked, flat])
+    out = process_logits(logits, [make_state(top_p=0.9), make_state(top_p=0.9)])
+    keep = out > float("-inf")
+    assert torch.equal(keep, _reference_top_p_keep(logits, 0.9))
+    assert keep[0].sum() <= 5 < TOP_P_CANDIDATES < keep[1].sum()
+
+
+# --- the draw ----------------------------------------------------------------------------------
+
+
+def test_inverse_cdf_draw_picks_the_interval_holding_the_uniform() -> None:
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    uniforms = torch.tensor([0.0, 0.05, 0.15, 0.35, 0.65, 1 - 1e-12], dtype=torch.float64)
+    logits = probs.log().expand(len(uniforms), -1)
+    assert inverse_cdf_draw(logits, uniforms).tolist() == [0, 0, 1, 2, 3, 3]
+
+
+def test_inverse_cdf_draw_never_picks_a_zero_probability_token() -> None:
+    vocab = 1000  # not a multiple of the block size: the last block is padded
+    logits = torch.full((4, vocab), float("-inf"))
+    logits[:, [10, 300, 999]] = 0.0
+    uniforms = torch.tensor([0.0, 0.34, 0.5, 1 - 1e-16], dtype=torch.float64)
+    assert inverse_cdf_draw(logits, uniforms).tolist() == [10, 300, 300, 999]
+
+
+def test_inverse_cdf_draw_keeps_the_tail_of_a_peaked_distribution() -> None:
+    # One token holds all but ~1e-8 of the mass, spread over 1023 tokens of probability ~1.4e-11.
+    # A single float32 CDF would round that tail away; the draw must still reach it.
+    logits = torch.full((2, 1024), -25.0)
+    logits[:, 0] = 0.0
+    uniforms = torch.tensor([0.5, 1 - 1e-9], dtype=torch.float64)
+    head, tail = inverse_cdf_draw(logits, uniforms).tolist()
+    assert head == 0
+    assert tail > 0
 
 
 # --- temperature -------------------------------------------------------------------------------
