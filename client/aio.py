@@ -23,7 +23,7 @@ from tokenwire.client.convert import (
     split_prompt,
 )
 from tokenwire.client.endpoints import Replica, ReplicaSet
-from tokenwire.client.errors import ClientClosedError, TokenwireError, error_from_rpc
+from tokenwire.client.errors import ClientClosedError, TokenwireError, UnavailableError, error_from_rpc
 from tokenwire.client.generation import AsyncGeneration
 from tokenwire.client.multiplex import Multiplexer, PendingRequest
 from tokenwire.client.types import Completion, HealthStatus, ModelInfo, SamplingKwargs
@@ -38,8 +38,9 @@ T = TypeVar("T")
 class AsyncClient:
     """The asyncio client. Use it on one event loop, ideally as `async with AsyncClient(...)`.
 
-    All concurrent generations share one `Generate` stream per server (a few on a round-robin
-    target), multiplexed by request id. No connection is made until the first call.
+    All concurrent generations share one `Generate` stream per server, multiplexed by request
+    id; with several servers each request goes to the least loaded one. No connection is made
+    until the first call.
 
     Example:
         >>> async with AsyncClient("127.0.0.1:50051") as client:
@@ -54,7 +55,7 @@ class AsyncClient:
             target: a server (`host:port`, `unix:path`, `dns:///name:port`, `ipv4:a:p,b:p`), a
                 list of replicas, or a whole `ClientConfig`.
             **options: the other `ClientConfig` fields: token, tls, timeout, keepalive, retry,
-                streams_per_target, max_reconnect_backoff_s, channel_options.
+                streams_per_server, max_reconnect_backoff_s, dns_refresh_s, channel_options.
 
         Raises:
             ValueError: a malformed target or option.
@@ -270,6 +271,9 @@ class AsyncClient:
         seconds = self.config.resolve_timeout(timeout)
         request = health_pb2.HealthCheckRequest(service=service)
 
+        if not self._replicas.resolved:
+            await self._replicas.resolve()
+
         async def check(replica: Replica) -> HealthStatus:
             stub = health_pb2_grpc.HealthStub(replica.channel(self.config))
             try:
@@ -280,7 +284,7 @@ class AsyncClient:
                 raise error_from_rpc(exc) from None
             return health_status(response.status)
 
-        answers = await asyncio.gather(*(check(r) for r in self._replicas.replicas), return_exceptions=True)
+        answers = await asyncio.gather(*(check(r) for r in self._replicas.require_live()), return_exceptions=True)
         statuses = [a for a in answers if isinstance(a, HealthStatus)]
         if HealthStatus.SERVING in statuses:
             return HealthStatus.SERVING
@@ -298,15 +302,18 @@ class AsyncClient:
         policy = self.config.retry
         avoid: Replica | None = None
         attempt = 0
+        if not self._replicas.resolved:
+            await self._replicas.resolve()
         while True:
             attempt += 1
-            replica = self._replicas.pick(exclude=avoid)
+            replica: Replica | None = None
             remaining = None if deadline is None else deadline - loop.time()
             try:
+                replica = self._replicas.pick(exclude=avoid)
                 result = await call(replica, remaining)
-            except grpc.aio.AioRpcError as exc:
-                error = error_from_rpc(exc)
-                if error.code == grpc.StatusCode.UNAVAILABLE:
+            except (grpc.aio.AioRpcError, UnavailableError) as exc:
+                error = error_from_rpc(exc) if isinstance(exc, grpc.aio.AioRpcError) else exc
+                if error.code == grpc.StatusCode.UNAVAILABLE and replica is not None:
                     self._replicas.mark_failed(replica)
                 delay = policy.backoff_s(attempt)
                 out_of_time = deadline is not None and loop.time() + delay >= deadline

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
+import ipaddress
 import re
 from dataclasses import dataclass
+from typing import Union
 
 import grpc
 import grpc.aio
@@ -12,56 +13,98 @@ import grpc.aio
 from tokenwire.client.config import ClientConfig
 
 USER_AGENT = "tokenwire-python/0.1"
-# NOTE: these resolvers may yield several addresses for one target; round robin spreads new
-# streams across all of them instead of pinning every stream to the first (pick_first).
-_BALANCED_SCHEMES = ("dns:", "ipv4:", "ipv6:")
-_PASSTHROUGH_SCHEMES = ("unix:", "unix-abstract:", "vsock:") + _BALANCED_SCHEMES
-_HOST_PORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})$")
-_ROUND_ROBIN_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
-DEFAULT_STREAMS_SINGLE = 1
-DEFAULT_STREAMS_BALANCED = 8
+# NOTE: targets grpc connects to as they are (its own resolver, one connection at a time).
+_PASSTHROUGH_SCHEMES = ("unix:", "unix-abstract:", "vsock:")
+_ADDRESS_LIST_SCHEMES = ("ipv4:", "ipv6:")
+_HOST_PORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\],]+):(?P<port>\d{1,5})$")
+_TARGET_FORMS = "host:port, unix:path, dns:///name:port or ipv4:addr:port,addr:port"
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One target the client talks to, parsed.
+    """One server the client opens one channel to.
 
     Attributes:
-        target: the gRPC target string, as given.
-        round_robin: whether the channel balances calls across the target's addresses.
+        target: the gRPC target of the channel (`host:port`, `unix:path`, `ipv4:1.2.3.4:50051`).
+        authority: the host name the server is known by when `target` is a resolved address
+            (used for TLS verification and the `:authority` header); None otherwise.
     """
 
     target: str
-    round_robin: bool
+    authority: str | None = None
 
-    @classmethod
-    def parse(cls, target: str) -> Endpoint:
-        """Check one target and tell how its channel should balance.
 
-        Args:
-            target: `host:port`, `[v6addr]:port`, `unix:path`, `unix:///abs/path`,
-                `dns:///name:port`, `ipv4:a:port,b:port` or `ipv6:...`.
+@dataclass(frozen=True)
+class DnsName:
+    """A `dns:///name:port` target: every address the name resolves to is a replica.
 
-        Raises:
-            ValueError: the target is malformed (e.g. a host without a port).
-        """
-        target = target.strip()
-        lowered = target.lower()
-        if lowered.startswith(_PASSTHROUGH_SCHEMES):
-            scheme, _, rest = target.partition(":")
-            if not rest.strip("/"):
-                raise ValueError(f"target {target!r} names no address after '{scheme}:'")
-            return cls(target=target, round_robin=lowered.startswith(_BALANCED_SCHEMES))
-        match = _HOST_PORT.match(target)
-        if match is None or not 0 < int(match.group(1)) < 65536:
-            raise ValueError(
-                f"target {target!r} must be host:port, unix:path, dns:///name:port or ipv4:addr:port,..."
-            )
-        return cls(target=target, round_robin=False)
+    Attributes:
+        host: the name to resolve.
+        port: the servers' port.
+    """
+
+    host: str
+    port: int
+
+    def endpoint(self, address: str) -> Endpoint:
+        """The endpoint of one resolved IP address."""
+        ip = ipaddress.ip_address(address)
+        target = f"ipv4:{ip}:{self.port}" if ip.version == 4 else f"ipv6:[{ip}]:{self.port}"
+        return Endpoint(target=target, authority=self.host)
+
+
+Target = Union[Endpoint, DnsName]
+"""A parsed target: one server, or a DNS name whose addresses are the replicas."""
+
+
+def _host_port(text: str, original: str) -> tuple[str, int]:
+    match = _HOST_PORT.match(text)
+    if match is None or not 0 < int(match.group("port")) < 65536:
+        raise ValueError(f"target {original!r} must be {_TARGET_FORMS}")
+    return match.group("host"), int(match.group("port"))
+
+
+def parse_target(target: str) -> list[Target]:
+    """Check one target string and split it into the servers it names.
+
+    Args:
+        target: `host:port`, `[v6addr]:port`, `unix:path`, `unix:///abs/path`,
+            `dns:///name:port` (every address of the name is a replica), or `ipv4:a:port,b:port`
+            / `ipv6:[a]:port,...` (every address listed is a replica).
+
+    Returns:
+        The endpoints it names, or the DNS name to resolve.
+
+    Raises:
+        ValueError: the target is malformed (e.g. a host without a port).
+    """
+    text = target.strip()
+    lowered = text.lower()
+    if lowered.startswith(_PASSTHROUGH_SCHEMES):
+        scheme, _, rest = text.partition(":")
+        if not rest.strip("/"):
+            raise ValueError(f"target {target!r} names no address after '{scheme}:'")
+        return [Endpoint(text)]
+    if lowered.startswith(_ADDRESS_LIST_SCHEMES):
+        scheme, _, rest = text.partition(":")
+        addresses = [a.strip() for a in rest.split(",")]
+        for address in addresses:
+            _host_port(address, target)
+        return [Endpoint(f"{scheme.lower()}:{address}") for address in addresses]
+    if lowered.startswith("dns:"):
+        rest = text[4:]
+        if rest.startswith("//"):
+            authority, _, rest = rest[2:].partition("/")
+            if authority:
+                raise ValueError(f"target {target!r}: a DNS server in the target is not supported; use dns:///name:port")
+        host, port = _host_port(rest, target)
+        return [DnsName(host=host.strip("[]"), port=port)]
+    _host_port(text, target)
+    return [Endpoint(text)]
 
 
 def channel_options(config: ClientConfig, endpoint: Endpoint) -> list[tuple[str, str | int]]:
-    """The gRPC channel arguments for one endpoint: keepalive, balancing, TLS name, reconnects.
+    """The gRPC channel arguments for one endpoint: keepalive, TLS name, authority, reconnects.
 
     Args:
         config: the client's configuration.
@@ -82,10 +125,12 @@ def channel_options(config: ClientConfig, endpoint: Endpoint) -> list[tuple[str,
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.keepalive_permit_without_calls", 0),
         ]
-    if endpoint.round_robin:
-        options.append(("grpc.service_config", _ROUND_ROBIN_CONFIG))
-    if config.tls is not None and config.tls.server_name is not None:
-        options.append(("grpc.ssl_target_name_override", config.tls.server_name))
+    server_name = config.tls.server_name if config.tls is not None else None
+    if endpoint.authority is not None:
+        options.append(("grpc.default_authority", endpoint.authority))
+        server_name = server_name or (endpoint.authority if config.tls is not None else None)
+    if server_name is not None:
+        options.append(("grpc.ssl_target_name_override", server_name))
     options.extend(config.channel_options)
     return options
 
@@ -120,10 +165,3 @@ def open_channel(config: ClientConfig, endpoint: Endpoint) -> grpc.aio.Channel:
     if credentials is None:
         return grpc.aio.insecure_channel(endpoint.target, options=options)
     return grpc.aio.secure_channel(endpoint.target, credentials, options=options)
-
-
-def streams_per_endpoint(config: ClientConfig, endpoint: Endpoint) -> int:
-    """How many Generate streams the client may open to one endpoint."""
-    if config.streams_per_target is not None:
-        return config.streams_per_target
-    return DEFAULT_STREAMS_BALANCED if endpoint.round_robin else DEFAULT_STREAMS_SINGLE

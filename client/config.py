@@ -131,17 +131,18 @@ class ClientConfig:
 
     Attributes:
         targets: one or more servers. Each is `host:port`, `unix:path` (`unix:///abs/path`),
-            `dns:///name:port` or `ipv4:a:port,b:port` (the last two balance round robin across
-            every address they resolve to). Several targets are several replicas.
+            `dns:///name:port` (every address the name resolves to is a replica) or
+            `ipv4:a:port,b:port` (every address listed is a replica). Several targets are
+            several replicas; each request goes to the least loaded one, ties round robin.
         token: bearer token sent as `authorization: Bearer <token>` on every call.
         tls: transport security; None for a plaintext connection (loopback, unix socket).
         timeout: default seconds for every call and generation; None waits without limit.
         keepalive: keepalive pings; see `KeepaliveConfig`.
         retry: retries before the first token; see `RetryPolicy`.
-        streams_per_target: most `Generate` streams opened per target. Streams open one by one
-            as concurrent requests need them; None means 1 for a single server and 8 for a
-            round-robin target, so its streams (and requests) spread across its addresses.
+        streams_per_server: most `Generate` streams opened to one server; they open one by one
+            as concurrent requests need them. One stream carries any number of requests.
         max_reconnect_backoff_s: the longest wait between attempts to reconnect to a server.
+        dns_refresh_s: seconds between lookups of a `dns:///` name (replicas come and go).
         channel_options: extra raw gRPC channel arguments, applied last.
     """
 
@@ -151,8 +152,9 @@ class ClientConfig:
     timeout: float | None = None
     keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    streams_per_target: int | None = None
+    streams_per_server: int = 1
     max_reconnect_backoff_s: float = 5.0
+    dns_refresh_s: float = 30.0
     channel_options: tuple[tuple[str, str | int], ...] = ()
 
     def __post_init__(self) -> None:
@@ -169,8 +171,10 @@ class ClientConfig:
             raise ValueError("token must be a non-empty string without line breaks")
         if self.timeout is not None and not 0 < self.timeout < math.inf:
             raise ValueError(f"timeout must be a positive number of seconds or None, got {self.timeout}")
-        if self.streams_per_target is not None and self.streams_per_target < 1:
-            raise ValueError(f"streams_per_target must be >= 1 when set, got {self.streams_per_target}")
+        if self.streams_per_server < 1:
+            raise ValueError(f"streams_per_server must be >= 1, got {self.streams_per_server}")
+        if not 0 < self.dns_refresh_s < math.inf:
+            raise ValueError(f"dns_refresh_s must be > 0, got {self.dns_refresh_s}")
         if not 0 < self.max_reconnect_backoff_s < math.inf:
             raise ValueError(f"max_reconnect_backoff_s must be > 0, got {self.max_reconnect_backoff_s}")
         object.__setattr__(self, "channel_options", tuple(tuple(o) for o in self.channel_options))
@@ -197,6 +201,7 @@ class ClientOptions(TypedDict, total=False):
     timeout: float | None
     keepalive: KeepaliveConfig
     retry: RetryPolicy
-    streams_per_target: int | None
+    streams_per_server: int
     max_reconnect_backoff_s: float
+    dns_refresh_s: float
     channel_options: tuple[tuple[str, str | int], ...]

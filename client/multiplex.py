@@ -167,8 +167,9 @@ class Multiplexer:
         """Take the replicas to route to and the metadata every stream carries."""
         self.replicas = replicas
         self.metadata = metadata
-        self._streams: dict[Replica, list[MuxStream]] = {r: [] for r in replicas.replicas}
+        self._streams: dict[Replica, list[MuxStream]] = {}
         self._ids: set[str] = set()
+        self._resolving: set[asyncio.Future[None]] = set()
         self._closed = False
 
     # -- submission and cancellation -------------------------------------------------------
@@ -228,14 +229,29 @@ class Multiplexer:
         if self._closed:
             self._fail(pending, ClientClosedError("the client was closed"))
             return
+        if not self.replicas.resolved:
+            # NOTE: only the first request of a dns:/// target waits for the lookup; later ones
+            # use the addresses known, while refreshes run in the background.
+            task = asyncio.ensure_future(self._resolve_then_dispatch(pending, avoid))
+            self._resolving.add(task)
+            task.add_done_callback(self._resolving.discard)
+            return
         pending.attempts += 1
-        self._stream_for(self.replicas.pick(exclude=avoid)).send(pending)
+        try:
+            replica = self.replicas.pick(exclude=avoid)
+        except UnavailableError as error:
+            self._retry_or_fail(pending, UnavailableError(error.details, request_id=pending.request_id), None)
+            return
+        self._stream_for(replica).send(pending)
+
+    async def _resolve_then_dispatch(self, pending: PendingRequest, avoid: Replica | None) -> None:
+        await self.replicas.resolve()
+        self._dispatch(pending, avoid)
 
     def _stream_for(self, replica: Replica) -> MuxStream:
-        streams = self._streams[replica]
+        streams = self._streams.setdefault(replica, [])
         best = min(streams, key=lambda s: s.load, default=None)
-        # NOTE: open streams one at a time as concurrency needs them; on a round-robin target
-        # each new stream lands on the next address, spreading requests across them.
+        # NOTE: open streams one at a time, as concurrency needs them, up to the replica's limit.
         if best is None or (best.load > 0 and len(streams) < replica.max_streams):
             best = MuxStream(self, replica)
             streams.append(best)
@@ -267,6 +283,8 @@ class Multiplexer:
         streams = self._streams.get(stream.replica, [])
         if stream in streams:
             streams.remove(stream)
+        if not streams:
+            self._streams.pop(stream.replica, None)
         if self._closed:
             error = ClientClosedError("the client was closed")
         elif error.code == grpc.StatusCode.UNAVAILABLE:
@@ -293,5 +311,7 @@ class Multiplexer:
     async def close(self) -> None:
         """Cancel every stream; requests still open fail with ClientClosedError."""
         self._closed = True
+        for task in list(self._resolving):
+            task.cancel()
         streams = [s for group in self._streams.values() for s in group]
         await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)

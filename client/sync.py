@@ -56,12 +56,25 @@ class _LoopThread:
         return self.run(wrapper())
 
     def stop(self) -> None:
-        """Stop the loop and wait for its thread; the loop is closed afterwards."""
+        """Cancel the loop's remaining tasks, stop it and wait for its thread; the loop is closed afterwards."""
         if self.loop.is_closed():
             return
+        self.run(_cancel_other_tasks())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
+
+
+async def _cancel_other_tasks() -> None:
+    """Cancel and await every other task of the running loop.
+
+    NOTE: grpc.aio leaves small bookkeeping tasks behind on closed channels; closing the loop
+    under them prints "Task was destroyed but it is pending!".
+    """
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Generation:

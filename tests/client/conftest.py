@@ -163,21 +163,22 @@ class ScriptedServicer(generation_pb2_grpc.GenerationServiceServicer):
 class ScriptedServer:
     """The scripted service on 127.0.0.1, running on its own event-loop thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, address: str = "127.0.0.1:0") -> None:
+        """Listen on ``address`` (a free loopback port by default, or ``unix:PATH``)."""
         self.log = ServerLog()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
-        self.target = f"127.0.0.1:{self.port}"
+        self.port = asyncio.run_coroutine_threadsafe(self._start(address), self.loop).result(10)
+        self.target = address if address.startswith("unix:") else f"127.0.0.1:{self.port}"
 
-    async def _start(self) -> int:
+    async def _start(self, address: str) -> int:
         self.server = grpc.aio.server()
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(ScriptedServicer(self.log), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        port = self.server.add_insecure_port("127.0.0.1:0")
+        port = self.server.add_insecure_port(address)
         await self.server.start()
         return port
 
@@ -225,12 +226,12 @@ def scripted(scripted_server: ScriptedServer) -> ScriptedServer:
 
 
 @pytest.fixture
-def scripted_server_factory() -> Iterator[Callable[[], ScriptedServer]]:
+def scripted_server_factory() -> Iterator[Callable[..., ScriptedServer]]:
     """Make extra scripted servers (replicas), stopped after the test."""
     servers: list[ScriptedServer] = []
 
-    def make() -> ScriptedServer:
-        servers.append(ScriptedServer())
+    def make(address: str = "127.0.0.1:0") -> ScriptedServer:
+        servers.append(ScriptedServer(address))
         return servers[-1]
 
     yield make

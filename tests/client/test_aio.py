@@ -186,7 +186,7 @@ def test_overloaded_before_first_token_is_retried(scripted) -> None:
 
 def test_broken_stream_retries_unstarted_requests_and_fails_started_ones(scripted) -> None:
     async def body(client: AsyncClient) -> None:
-        started = client.generate("forever", request_id="started")
+        started = client.generate("forever", request_id="started", timeout=10)
         await started.__anext__()
         retried = await client.complete("drop-first", request_id="unstarted")
         assert retried.text == "0 1 2 "
@@ -290,3 +290,47 @@ def test_errors_are_tokenwire_errors(scripted) -> None:
             await client.complete("error 5")
 
     run(scripted.target, body)
+
+
+def test_address_list_and_dns_targets_spread_requests_over_every_address(scripted, scripted_server_factory) -> None:
+    others = [scripted_server_factory(), scripted_server_factory()]
+    servers = [scripted, *others]
+
+    async def body(client: AsyncClient) -> None:
+        await asyncio.gather(*(client.complete("count 2 0.01") for _ in range(9)))
+
+    run("ipv4:" + ",".join(s.target for s in servers), body)
+    assert [sum(s.log.attempts.values()) for s in servers] == [3, 3, 3]
+    assert [s.log.streams for s in servers] == [1, 1, 1]
+
+    scripted.reset()
+    run(f"dns:///localhost:{scripted.port}", body)
+    assert sum(scripted.log.attempts.values()) == 9
+
+
+def test_unresolvable_dns_name_is_unavailable() -> None:
+    async def body(client: AsyncClient) -> None:
+        with pytest.raises(UnavailableError, match="resolve"):
+            await client.complete("count 1")
+        with pytest.raises(UnavailableError, match="resolve"):
+            await client.tokenize("x")
+
+    run("dns:///no-such-host.invalid:50051", body)
+
+
+def test_unix_socket_target(scripted_server_factory, tmp_path) -> None:
+    server = scripted_server_factory(f"unix:{tmp_path}/tokenwire.sock")
+
+    async def body(client: AsyncClient) -> None:
+        assert (await client.complete("count 2")).text == "0 1 "
+
+    run(server.target, body)
+
+
+def test_streams_per_server_opens_streams_as_concurrency_needs_them(scripted) -> None:
+    async def body(client: AsyncClient) -> None:
+        await client.complete("count 1")
+        await asyncio.gather(*(client.complete("count 3 0.01") for _ in range(5)))
+
+    run(scripted.target, body, streams_per_server=3)
+    assert scripted.log.streams == 3

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from tokenwire.client import DEFAULT, ChatMessage, ClientConfig, Completion, FinishReason, KeepaliveConfig, RetryPolicy, TLSConfig
-from tokenwire.client.channel import Endpoint, call_metadata, channel_options, streams_per_endpoint
+from tokenwire.client.channel import DnsName, Endpoint, call_metadata, channel_options, parse_target
 from tokenwire.client.convert import generate_request, split_prompt
 from tokenwire.client.types import GenerationChunk, Usage
 
@@ -18,34 +17,41 @@ def make_config(*targets: str, **options: object) -> ClientConfig:
 
 
 @pytest.mark.parametrize(
-    ("target", "round_robin"),
+    ("target", "parsed"),
     [
-        ("127.0.0.1:50051", False),
-        ("localhost:1", False),
-        ("[::1]:50051", False),
-        ("unix:tokenwire.sock", False),
-        ("unix:///run/tokenwire.sock", False),
-        ("dns:///tokenwire.default.svc:50051", True),
-        ("ipv4:127.0.0.1:1,127.0.0.1:2", True),
+        ("127.0.0.1:50051", [Endpoint("127.0.0.1:50051")]),
+        ("localhost:1", [Endpoint("localhost:1")]),
+        ("[::1]:50051", [Endpoint("[::1]:50051")]),
+        ("unix:tokenwire.sock", [Endpoint("unix:tokenwire.sock")]),
+        ("unix:///run/tokenwire.sock", [Endpoint("unix:///run/tokenwire.sock")]),
+        ("dns:///tokenwire.default.svc:50051", [DnsName("tokenwire.default.svc", 50051)]),
+        ("ipv4:127.0.0.1:1,127.0.0.2:2", [Endpoint("ipv4:127.0.0.1:1"), Endpoint("ipv4:127.0.0.2:2")]),
+        ("ipv6:[::1]:7", [Endpoint("ipv6:[::1]:7")]),
     ],
 )
-def test_targets_parse_and_balanced_schemes_use_round_robin(target: str, round_robin: bool) -> None:
-    endpoint = Endpoint.parse(target)
-    assert endpoint == Endpoint(target, round_robin)
-    config = make_config(target)
-    options = dict(channel_options(config, endpoint))
-    if round_robin:
-        assert json.loads(options["grpc.service_config"]) == {"loadBalancingConfig": [{"round_robin": {}}]}
-        assert streams_per_endpoint(config, endpoint) > 1
-    else:
-        assert "grpc.service_config" not in options
-        assert streams_per_endpoint(config, endpoint) == 1
+def test_targets_parse_into_servers(target: str, parsed: list[object]) -> None:
+    assert parse_target(target) == parsed
 
 
-@pytest.mark.parametrize("target", ["localhost", "host:0", "host:70000", "unix:", "dns:///", "http://x:1", "a b:1"])
+@pytest.mark.parametrize(
+    "target",
+    ["localhost", "host:0", "host:70000", "unix:", "dns:///", "dns:///name", "dns://8.8.8.8/name:1", "http://x:1",
+     "a b:1", "ipv4:1.2.3.4"],
+)
 def test_malformed_targets_are_rejected_by_name(target: str) -> None:
     with pytest.raises(ValueError, match="target"):
-        Endpoint.parse(target)
+        parse_target(target)
+
+
+def test_resolved_dns_addresses_keep_the_name_for_tls_and_authority() -> None:
+    name = DnsName("tokenwire.svc", 50051)
+    assert name.endpoint("10.0.0.7") == Endpoint("ipv4:10.0.0.7:50051", authority="tokenwire.svc")
+    assert name.endpoint("fd00::7").target == "ipv6:[fd00::7]:50051"
+    tls_options = dict(channel_options(make_config(tls=TLSConfig()), name.endpoint("10.0.0.7")))
+    assert tls_options["grpc.ssl_target_name_override"] == "tokenwire.svc"
+    assert tls_options["grpc.default_authority"] == "tokenwire.svc"
+    plain = dict(channel_options(make_config(), name.endpoint("10.0.0.7")))
+    assert "grpc.ssl_target_name_override" not in plain
 
 
 def test_client_config_validation() -> None:
@@ -58,8 +64,8 @@ def test_client_config_validation() -> None:
         make_config(timeout=0)
     with pytest.raises(ValueError, match="token"):
         make_config(token="a\nb")
-    with pytest.raises(ValueError, match="streams_per_target"):
-        make_config(streams_per_target=0)
+    with pytest.raises(ValueError, match="streams_per_server"):
+        make_config(streams_per_server=0)
     with pytest.raises(TypeError):
         make_config(colour="blue")
     config = make_config(timeout=3.0)
@@ -84,12 +90,12 @@ def test_keepalive_and_retry_validation() -> None:
 
 def test_keepalive_options_keep_pinging_a_quiet_stream() -> None:
     config = make_config(keepalive=KeepaliveConfig(time_s=20, timeout_s=5))
-    options = dict(channel_options(config, Endpoint.parse("a:1")))
+    options = dict(channel_options(config, Endpoint("a:1")))
     assert options["grpc.keepalive_time_ms"] == 20_000
     assert options["grpc.keepalive_timeout_ms"] == 5_000
     assert options["grpc.http2.max_pings_without_data"] == 0
     assert options["grpc.keepalive_permit_without_calls"] == 0
-    off = dict(channel_options(make_config(keepalive=KeepaliveConfig(time_s=0)), Endpoint.parse("a:1")))
+    off = dict(channel_options(make_config(keepalive=KeepaliveConfig(time_s=0)), Endpoint("a:1")))
     assert "grpc.keepalive_time_ms" not in off
 
 
@@ -98,7 +104,7 @@ def test_tls_config_reads_files_and_pairs_cert_with_key(tmp_path: Path) -> None:
     ca.write_bytes(b"CA PEM")
     tls = TLSConfig(ca_cert=ca, client_cert=b"CERT", client_key=str(ca), server_name="localhost")
     assert (tls.ca_cert, tls.client_cert, tls.client_key) == (b"CA PEM", b"CERT", b"CA PEM")
-    options = dict(channel_options(make_config(tls=tls), Endpoint.parse("127.0.0.1:1")))
+    options = dict(channel_options(make_config(tls=tls), Endpoint("127.0.0.1:1")))
     assert options["grpc.ssl_target_name_override"] == "localhost"
     with pytest.raises(ValueError, match="client_key"):
         TLSConfig(client_cert=b"CERT")
