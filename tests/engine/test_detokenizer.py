@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import tokenizers
 from tokenizers import AddedToken, decoders, models
 
-from tokenwire.engine.detokenizer import REPLACEMENT_CHAR, DetokenizerUpdate, IncrementalDetokenizer
-from tokenwire.engine.loader.default_model import default_model_path
+from tokenwire.engine.detokenizer import REPLACEMENT_CHAR, DetokenizerUpdate, IncrementalDetokenizer, TokenDecoder
 from tokenwire.engine.tokenizer import Tokenizer
 
 TEXTS = {
@@ -23,9 +23,9 @@ TEXTS = {
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
+def tokenizer(default_model_path: Path) -> Tokenizer:
     """The default model's own tokenizer (byte-level BPE from the GGUF file), loaded once."""
-    return Tokenizer.from_gguf(default_model_path())
+    return Tokenizer.from_gguf(default_model_path)
 
 
 class CountingDecoder:
@@ -53,14 +53,14 @@ def chunked(ids: Sequence[int], rng: random.Random | None) -> list[list[int]]:
 
 
 def stream(
-    tok: object,
+    tok: TokenDecoder,
     ids: Sequence[int],
     stop: Sequence[str] = (),
     skip_special_tokens: bool = True,
     rng: random.Random | None = None,
 ) -> tuple[list[DetokenizerUpdate], str, IncrementalDetokenizer]:
     """Feed ids to a fresh detokenizer the way the engine does; return the updates, finish() and it."""
-    detok = IncrementalDetokenizer(tok, [1, 2, 3], stop, skip_special_tokens)  # type: ignore[arg-type]
+    detok = IncrementalDetokenizer(tok, [1, 2, 3], stop, skip_special_tokens)
     updates = []
     for chunk in chunked(ids, rng):
         update = detok.add_tokens(chunk)

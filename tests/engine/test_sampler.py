@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -28,10 +29,10 @@ def make_state(
     prompt: Sequence[int] = (1, 2, 3),
     eos: Sequence[int] = (),
     generated: Sequence[int] = (),
-    **params: object,
+    **params: Any,
 ) -> SamplingState:
     """A sampling state with the given parameters, prompt, EOS ids and already generated tokens."""
-    state = SamplingState(SamplingParams(**params), list(prompt), eos)  # type: ignore[arg-type]
+    state = SamplingState(SamplingParams(**params), list(prompt), eos)
     for t in generated:
         state.append(t)
     return state
@@ -48,7 +49,7 @@ def repeat_rows(values: Sequence[float], rows: int) -> torch.Tensor:
     return torch.tensor([list(values)] * rows, dtype=torch.float32)
 
 
-def draw_many(params: dict[str, object], logits_row: Sequence[float], n: int = 4000, seed: int = 0) -> Counter[int]:
+def draw_many(params: dict[str, Any], logits_row: Sequence[float], n: int = 4000, seed: int = 0) -> Counter[int]:
     """Sample n tokens from one logits row (as n unseeded rows of one batch) and count them."""
     sampler = Sampler(seed=seed)
     states = [make_state(**params) for _ in range(n)]
@@ -146,7 +147,7 @@ def _softmax(values: Sequence[float]) -> list[float]:
         ({"top_k": 2, "min_p": 0.15}, {0, 1}),  # top_k is the tightest here
     ],
 )
-def test_filters_never_sample_a_filtered_token(params: dict[str, object], allowed: set[int]) -> None:
+def test_filters_never_sample_a_filtered_token(params: dict[str, Any], allowed: set[int]) -> None:
     counts = draw_many({"temperature": 1.0, **params}, SMALL_LOGITS, n=3000)
     assert set(counts) == allowed  # nothing outside, and every kept token does get drawn
 
