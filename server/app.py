@@ -146,10 +146,15 @@ class TokenwireServer:
         engine = self._pending_engine
         if engine is None:
             from tokenwire.engine.async_engine import AsyncEngine
+            from tokenwire.engine.loader import load_model
 
             args = self.settings.engine_args()
             _log.info("loading model", model=args.model or "default", dtype=args.dtype, device=args.device)
-            engine = await _in_daemon_thread(lambda: AsyncEngine(args))
+            # NOTE: only the weights load in a worker thread (seconds; health keeps answering). The
+            # engine itself is built here, on the loop's thread: built on a worker thread while the
+            # loop ran, decoding measured 5-10x slower on CPU (torch's per-thread state).
+            loaded = await _in_daemon_thread(lambda: load_model(args.model, dtype=args.dtype, device=args.device))
+            engine = AsyncEngine(args, loaded=loaded)
             await engine.start()
         self._pending_engine = None
         self.servicer.attach_engine(engine)

@@ -186,6 +186,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             )
 
 
+def environment_variables() -> dict[str, str]:
+    """Each TOKENWIRE_* variable and the command-line flag it stands for."""
+    return {option.env: option.flag for option in _OPTIONS}
+
+
 def parse_bool(raw: str) -> bool:
     """Parse 1/0, true/false, yes/no, on/off (any case)."""
     value = raw.strip().lower()

@@ -145,6 +145,8 @@ class GenerateStream:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure ends the stream with INTERNAL
+            if self._ending:
+                return  # NOTE: the server ended the call (drain); reading fails as it goes down.
             _log.exception("request stream failed", stream_id=self.stream_id, peer=self._peer)
             self._reader_error = exc
             self._end()

@@ -144,11 +144,12 @@ def loop_thread() -> Iterator[LoopThread]:
 
 
 @pytest.fixture(scope="session")
-def engine(loop_thread: LoopThread) -> Iterator[Any]:
-    """The real default model in a started AsyncEngine (loaded once per session)."""
+def engine(loop_thread: LoopThread, default_model_bf16: Any) -> Iterator[Any]:
+    """The real default model (bfloat16, as "auto" serves it on CPU) in a started AsyncEngine."""
     from tokenwire.engine.async_engine import AsyncEngine
 
-    eng = AsyncEngine(EngineArgs(kv_cache_memory=TEST_KV_CACHE_BYTES, max_num_seqs=16, max_queued_requests=64))
+    args = EngineArgs(kv_cache_memory=TEST_KV_CACHE_BYTES, max_num_seqs=16, max_queued_requests=64)
+    eng = AsyncEngine(args, loaded=default_model_bf16)
     loop_thread.run(eng.start())
     yield eng
     loop_thread.run(eng.shutdown())
@@ -194,13 +195,14 @@ def stub(channel: grpc.Channel) -> pb_grpc.GenerationServiceStub:
 
 
 @pytest.fixture()
-def conversation(stub: pb_grpc.GenerationServiceStub) -> Iterator[Callable[..., Conversation]]:
+def conversation(request: pytest.FixtureRequest) -> Iterator[Callable[..., Conversation]]:
     """Open Generate streams (on the shared server unless ``on`` names a stub); cancelled afterwards."""
     opened: list[Conversation] = []
 
     def open_stream(on: pb_grpc.GenerationServiceStub | None = None, **call_kwargs: Any) -> Conversation:
         call_kwargs.setdefault("timeout", 300)
-        c = Conversation(on or stub, **call_kwargs)
+        # NOTE: the shared server (and its model) is only started when a test needs it.
+        c = Conversation(on or request.getfixturevalue("stub"), **call_kwargs)
         opened.append(c)
         return c
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
 from tokenwire.server.cli import add_serve_arguments, build_parser, run_serve
-from tokenwire.server.settings import Settings, parse_bool, parse_kv_cache_memory, parse_size
+from tokenwire.server.settings import Settings, environment_variables, parse_bool, parse_kv_cache_memory, parse_size
 
 
 def settings_from(argv: list[str], env: dict[str, str] | None = None) -> Settings:
@@ -80,3 +81,9 @@ def test_unix_socket_address() -> None:
 def test_run_serve_reports_bad_settings_with_status_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_serve(build_parser().parse_args(["--port", "99999"])) == 2
     assert "port must be in" in capsys.readouterr().err
+
+
+def test_every_variable_and_flag_is_documented() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "server.md").read_text()
+    for variable, flag in environment_variables().items():
+        assert f"`{variable}`" in doc and f"`{flag}" in doc, variable
