@@ -39,6 +39,8 @@ class PendingRequest:
         settled: it is off every stream and out of the id registry.
         attempts: tries so far.
         stream: the stream it is open on, if any.
+        deadline_timer: fires at the timeout.
+        retry_timer: fires when the next try is due.
     """
 
     request: pb.GenerateRequest
@@ -49,7 +51,8 @@ class PendingRequest:
     settled: bool = False
     attempts: int = 0
     stream: MuxStream | None = None
-    _timers: list[asyncio.TimerHandle] = field(default_factory=list, repr=False)
+    deadline_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    retry_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
     def request_id(self) -> str:
@@ -168,7 +171,7 @@ class Multiplexer:
         self.replicas = replicas
         self.metadata = metadata
         self._streams: dict[Replica, list[MuxStream]] = {}
-        self._ids: set[str] = set()
+        self._open: dict[str, PendingRequest] = {}
         self._resolving: set[asyncio.Future[None]] = set()
         self._closed = False
 
@@ -183,12 +186,11 @@ class Multiplexer:
         """
         if self._closed:
             raise ClientClosedError("the client is closed", request_id=pending.request_id)
-        if pending.request_id in self._ids:
+        if pending.request_id in self._open:
             raise AlreadyExistsError("request id in use by an open request", request_id=pending.request_id)
-        self._ids.add(pending.request_id)
-        loop = asyncio.get_running_loop()
+        self._open[pending.request_id] = pending
         if pending.timeout is not None:
-            pending._timers.append(loop.call_later(pending.timeout, self._expire, pending))
+            pending.deadline_timer = asyncio.get_running_loop().call_later(pending.timeout, self._expire, pending)
         self._dispatch(pending)
 
     def abandon(self, pending: PendingRequest) -> None:
@@ -216,14 +218,16 @@ class Multiplexer:
         if pending.settled:
             return
         pending.settled = True
-        self._ids.discard(pending.request_id)
-        for timer in pending._timers:
-            timer.cancel()
-        pending._timers.clear()
+        self._open.pop(pending.request_id, None)
+        for timer in (pending.deadline_timer, pending.retry_timer):
+            if timer is not None:
+                timer.cancel()
+        pending.deadline_timer = pending.retry_timer = None
 
     # -- routing --------------------------------------------------------------------------
 
     def _dispatch(self, pending: PendingRequest, avoid: Replica | None = None) -> None:
+        pending.retry_timer = None
         if pending.abandoned or pending.settled:
             return
         if self._closed:
@@ -301,8 +305,7 @@ class Multiplexer:
             self._fail(pending, error)
             return
         delay = policy.backoff_s(pending.attempts)
-        loop = asyncio.get_running_loop()
-        pending._timers.append(loop.call_later(delay, self._dispatch, pending, avoid))
+        pending.retry_timer = asyncio.get_running_loop().call_later(delay, self._dispatch, pending, avoid)
 
     def _fail(self, pending: PendingRequest, error: TokenwireError) -> None:
         self._settle(pending)
@@ -315,3 +318,9 @@ class Multiplexer:
             task.cancel()
         streams = [s for group in self._streams.values() for s in group]
         await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
+        # NOTE: requests between tries or waiting for a DNS lookup are on no stream.
+        for pending in list(self._open.values()):
+            if pending.abandoned:
+                self._settle(pending)
+            else:
+                self._fail(pending, ClientClosedError("the client was closed", request_id=pending.request_id))

@@ -334,3 +334,17 @@ def test_streams_per_server_opens_streams_as_concurrency_needs_them(scripted) ->
 
     run(scripted.target, body, streams_per_server=3)
     assert scripted.log.streams == 3
+
+
+def test_closing_the_client_fails_a_request_waiting_to_be_retried(scripted) -> None:
+    async def main() -> None:
+        slow = RetryPolicy(max_attempts=5, initial_backoff_s=30.0, max_backoff_s=30.0)
+        client = AsyncClient(scripted.target, retry=slow)
+        generation = client.generate("busy 10", request_id="waiting")
+        await scripted.async_wait(lambda log: log.attempts["waiting"] == 1)
+        await asyncio.sleep(0.05)  # the refusal reaches the client, which waits to retry
+        await client.close()
+        with pytest.raises(ClientClosedError):
+            await asyncio.wait_for(generation.__anext__(), 5)
+
+    asyncio.run(main())

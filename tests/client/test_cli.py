@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from tokenwire.client.cli import (
     EXIT_AUTH,
     EXIT_DEADLINE,
     EXIT_GENERATION_ERROR,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
@@ -118,3 +120,21 @@ def test_serve_without_the_server_package_says_what_to_install() -> None:
 def test_serve_help_comes_from_the_server_package(capsys) -> None:
     assert cli("serve", "--help")[0] == EXIT_OK
     assert "--auth-token" in capsys.readouterr().out
+
+
+def test_ctrl_c_cancels_the_generation_on_the_server_and_exits_130(scripted) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tokenwire.client.cli", "generate", "forever", "--target", scripted.target],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.read(2) == "0 "  # it is streaming
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == EXIT_INTERRUPTED
+    finally:
+        process.kill()
+        process.wait()
+    (request_id,) = scripted.log.requests
+    scripted.wait(lambda log: log.finished.get(request_id) == "cancelled")
+    assert scripted.log.cancels == [request_id]
