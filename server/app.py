@@ -102,7 +102,8 @@ class TokenwireServer:
 
         Raises:
             ValueError: TLS or token files are unusable.
-            RuntimeError: the address cannot be bound.
+            RuntimeError: the gRPC address cannot be bound.
+            OSError: the metrics port cannot be bound.
         """
         settings = self.settings
         token = load_token(settings.auth_token, settings.auth_token_file)
@@ -252,7 +253,7 @@ async def serve(settings: Settings, on_started: Callable[[TokenwireServer], None
     try:
         try:
             await server.start()
-        except (ValueError, RuntimeError) as exc:
+        except (ValueError, RuntimeError, OSError) as exc:
             _log.error("cannot start", error=str(exc))
             return 1
         if on_started is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -16,6 +17,7 @@ from tokenwire.engine.outputs import FinishReason, RequestOutput
 from tokenwire.engine.request import GenerationRequest
 from tokenwire.server.convert import (
     ServerUnavailableError,
+    chat_from_pb,
     check_request_id,
     error_output,
     finish_reason_label,
@@ -27,6 +29,8 @@ from tokenwire.server.logging import RequestLog, get_logger
 from tokenwire.server.metrics import RequestTimings, ServerMetrics
 
 _log = get_logger("tokenwire.stream")
+# Requests with an answer waiting to be sent, past which the stream stops reading new messages.
+MAX_UNSENT_RESPONSES = 1024
 
 
 class GenerationEngine(Protocol):
@@ -92,6 +96,8 @@ class GenerateStream:
         self._draining = False
         self._ending = False
         self._reader_error: BaseException | None = None
+        self._numbers = itertools.count(1)
+        self._written = asyncio.Event()
         self.closed = asyncio.Event()
 
     @property
@@ -113,6 +119,7 @@ class GenerateStream:
                 out, req.pending = req.pending, None
                 if out is not None:
                     await context.write(output_to_pb(req.request_id, out))
+                self._written.set()
             if self._reader_error is not None:
                 await context.abort(grpc.StatusCode.INTERNAL, "reading the request stream failed")
             if self._draining and not self._half_closed:
@@ -142,6 +149,11 @@ class GenerateStream:
         try:
             async for message in request_iterator:
                 self._handle(message)
+                # NOTE: backpressure: a client that sends without reading would otherwise grow the
+                # queue of unsent answers (refusals, first outputs) without bound.
+                while self._ready.qsize() >= MAX_UNSENT_RESPONSES:
+                    self._written.clear()
+                    await self._written.wait()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure ends the stream with INTERNAL
@@ -159,7 +171,9 @@ class GenerateStream:
         if message.cancel:
             self._cancel(rid)
             return
-        req = _Request(request_id=rid, engine_id=f"{self.stream_id}/{rid}")
+        # NOTE: numbered, so that an id reused after its final message never meets the engine's
+        # record of the earlier request while that one is still being torn down.
+        req = _Request(request_id=rid, engine_id=f"{self.stream_id}/{next(self._numbers)}/{rid}")
         if self._request_log.log_content:
             req.prompt = _prompt_for_log(message)
             req.output_text = []
@@ -267,12 +281,13 @@ class GenerateStream:
 
 
 def _prompt_for_log(message: pb.GenerateRequest) -> Any:
+    """The prompt as it is logged with --log-requests-content."""
     kind = message.WhichOneof("input")
     if kind == "text":
         return message.text
     if kind == "tokens":
         return list(message.tokens.ids)
     if kind == "chat":
-        return [{"role": m.role, "content": m.content} for m in message.chat.messages]
+        return chat_from_pb(message.chat)
     return None
 

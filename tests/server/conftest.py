@@ -145,7 +145,7 @@ def loop_thread() -> Iterator[LoopThread]:
 
 @pytest.fixture(scope="session")
 def engine(loop_thread: LoopThread, default_model_bf16: Any) -> Iterator[Any]:
-    """The real default model (bfloat16, as "auto" serves it on CPU) in a started AsyncEngine."""
+    """The real default model (the session's shared bfloat16 copy) in a started AsyncEngine."""
     from tokenwire.engine.async_engine import AsyncEngine
 
     args = EngineArgs(kv_cache_memory=TEST_KV_CACHE_BYTES, max_num_seqs=16, max_queued_requests=64)

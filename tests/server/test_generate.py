@@ -132,6 +132,7 @@ def test_queue_full_is_in_band_and_the_stream_goes_on(
         EngineArgs(kv_cache_memory=8 * 1024 * 1024, max_num_seqs=1, max_queued_requests=1), loaded=engine.core.loaded
     )
     loop_thread.run(small.start())
+    running = None
     try:
         running = start_server(engine_override=small)
         with grpc.insecure_channel(running.address) as channel:
@@ -150,6 +151,8 @@ def test_queue_full_is_in_band_and_the_stream_goes_on(
             assert finals[rid].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
             assert "queue is full" in finals[rid].error.message
     finally:
+        if running is not None:
+            loop_thread.run(running.server.close())
         loop_thread.run(small.shutdown())
 
 
@@ -184,3 +187,22 @@ def test_tokenize_and_model_info(stub: pb_grpc.GenerationServiceStub, engine: An
     assert (info.dtype, info.device, info.kv_block_size, info.kv_blocks_total) == (
         expected.dtype, expected.device, expected.kv_block_size, expected.kv_blocks_total)
     assert info.has_chat_template
+
+
+def test_backpressure_on_unsent_answers_loses_nothing(
+    conversation: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tokenwire.server import stream
+
+    # The reader pauses whenever four answers wait to be written; everything still arrives.
+    monkeypatch.setattr(stream, "MAX_UNSENT_RESPONSES", 4)
+    c = conversation()
+    c.send("ok", text="Hi", max_tokens=2, ignore_eos=True, sampling=GREEDY)
+    for i in range(200):
+        c.send(f"bad-{i}", text="Hi", sampling=pb.SamplingParams(temperature=-1.0))
+    c.half_close()
+    c.read_all()
+    grouped = c.by_request()
+    assert len(grouped) == 201
+    assert all(m[-1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for rid, m in grouped.items() if rid != "ok")
+    assert c.final_of(grouped["ok"]).finish_reason == pb.FINISH_REASON_LENGTH
