@@ -75,6 +75,7 @@ class MuxStream:
         self._mux = mux
         self._open: dict[str, PendingRequest] = {}
         self._outbox: asyncio.Queue[pb.GenerateRequest | None] = asyncio.Queue()
+        self._write_error: TokenwireError | None = None
         self._call: grpc.aio.StreamStreamCall = replica.stub(mux.replicas.config).Generate(
             metadata=mux.metadata
         )
@@ -116,9 +117,10 @@ class MuxStream:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - any write failure ends the stream
-            # NOTE: the reader usually sees the call's status first; this covers a write that
-            # fails on a call whose status has not arrived yet.
-            self._lost(UnavailableError(f"writing to the Generate stream failed: {exc}"))
+            # NOTE: a write usually fails because the call has ended, and the reader reports
+            # the call's status. Otherwise cancelling the call ends the reader, which then
+            # reports this error instead of its own CANCELLED.
+            self._write_error = UnavailableError(f"writing to the Generate stream failed: {exc!r}")
             self._call.cancel()
 
     async def _read_loop(self) -> None:
@@ -136,6 +138,8 @@ class MuxStream:
                     self._mux.on_response(pending, response, final, self.replica)
         except grpc.aio.AioRpcError as exc:
             error = error_from_rpc(exc)
+            if exc.code() == grpc.StatusCode.CANCELLED and self._write_error is not None:
+                error = self._write_error
         except asyncio.CancelledError:
             error = ClientClosedError("the client was closed")
             raise
@@ -265,8 +269,6 @@ class Multiplexer:
         self, pending: PendingRequest, response: pb.GenerateResponse, final: bool, replica: Replica
     ) -> None:
         """Deliver one routed message, or retry a request refused before its first token."""
-        if replica.failures:
-            self.replicas.mark_ok(replica)
         if pending.abandoned:
             if final:
                 self._settle(pending)
@@ -274,8 +276,12 @@ class Multiplexer:
         if final and response.finish_reason == pb.FINISH_REASON_ERROR and not pending.started:
             error = error_from_code(response.error.code, response.error.message, request_id=pending.request_id)
             if error.retryable:
+                # NOTE: a draining or overloaded server answers in-band; prefer the others awhile.
+                self.replicas.mark_failed(replica)
                 self._retry_or_fail(pending, error, avoid=replica)
                 return
+        if replica.failures:
+            self.replicas.mark_ok(replica)
         if response.token_ids or response.text:
             pending.started = True
         if final:
