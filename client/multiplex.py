@@ -72,6 +72,7 @@ class MuxStream:
         """Start the call and its two tasks (no await: the call connects in the background)."""
         self.replica = replica
         self.alive = True
+        self.draining = False
         self._mux = mux
         self._open: dict[str, PendingRequest] = {}
         self._outbox: asyncio.Queue[pb.GenerateRequest | None] = asyncio.Queue()
@@ -99,11 +100,19 @@ class MuxStream:
         if self.alive and request_id in self._open:
             self._outbox.put_nowait(cancel_request(request_id))
 
+    def drain(self) -> None:
+        """Take no new requests; half-close the call once the open ones have finished."""
+        self.draining = True
+        if not self._open and self.alive:
+            self._outbox.put_nowait(None)
+
     def _remove(self, request_id: str) -> PendingRequest | None:
         pending = self._open.pop(request_id, None)
         if pending is not None:
             self.replica.load -= 1
             pending.stream = None
+            if self.draining and not self._open and self.alive:
+                self._outbox.put_nowait(None)
         return pending
 
     async def _write_loop(self) -> None:
@@ -177,6 +186,7 @@ class Multiplexer:
         self._streams: dict[Replica, list[MuxStream]] = {}
         self._open: dict[str, PendingRequest] = {}
         self._resolving: set[asyncio.Future[None]] = set()
+        self._watchers: dict[Replica, asyncio.Future[None]] = {}
         self._closed = False
 
     # -- submission and cancellation -------------------------------------------------------
@@ -258,12 +268,43 @@ class Multiplexer:
 
     def _stream_for(self, replica: Replica) -> MuxStream:
         streams = self._streams.setdefault(replica, [])
-        best = min(streams, key=lambda s: s.load, default=None)
+        if not streams:
+            self._watch(replica)
+        usable = [s for s in streams if not s.draining]
+        best = min(usable, key=lambda s: s.load, default=None)
         # NOTE: open streams one at a time, as concurrency needs them, up to the replica's limit.
-        if best is None or (best.load > 0 and len(streams) < replica.max_streams):
+        if best is None or (best.load > 0 and len(usable) < replica.max_streams):
             best = MuxStream(self, replica)
             streams.append(best)
         return best
+
+    def _watch(self, replica: Replica) -> None:
+        """Drain a replica's streams whenever its connection stops being READY.
+
+        NOTE: a server with a max connection age sends GOAWAY: the channel leaves READY, calls
+        already open keep running until the server's grace ends, then fail. Streams opened
+        before the change are on that connection: they finish what they carry while new
+        requests go to a new stream, on a new connection.
+        """
+        if replica in self._watchers:
+            return
+        channel = replica.channel(self.replicas.config)
+
+        async def watch() -> None:
+            state = channel.get_state()
+            while not self._closed:
+                try:
+                    await channel.wait_for_state_change(state)
+                except Exception:  # noqa: BLE001 - the channel was closed (a retired replica)
+                    return
+                previous, state = state, channel.get_state()
+                if previous == grpc.ChannelConnectivity.READY and state != previous:
+                    for stream in self._streams.get(replica, []):
+                        stream.drain()
+
+        task = asyncio.ensure_future(watch())
+        self._watchers[replica] = task
+        task.add_done_callback(lambda _: self._watchers.pop(replica, None))
 
     def on_response(
         self, pending: PendingRequest, response: pb.GenerateResponse, final: bool, replica: Replica
@@ -297,7 +338,7 @@ class Multiplexer:
             self._streams.pop(stream.replica, None)
         if self._closed:
             error = ClientClosedError("the client was closed")
-        elif error.code == grpc.StatusCode.UNAVAILABLE:
+        elif error.code == grpc.StatusCode.UNAVAILABLE and not stream.draining:
             self.replicas.mark_failed(stream.replica)
         for pending in orphans:
             if pending.abandoned:
@@ -320,7 +361,7 @@ class Multiplexer:
     async def close(self) -> None:
         """Cancel every stream; requests still open fail with ClientClosedError."""
         self._closed = True
-        for task in list(self._resolving):
+        for task in [*self._resolving, *self._watchers.values()]:
             task.cancel()
         streams = [s for group in self._streams.values() for s in group]
         await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)

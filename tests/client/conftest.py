@@ -163,9 +163,10 @@ class ScriptedServicer(generation_pb2_grpc.GenerationServiceServicer):
 class ScriptedServer:
     """The scripted service on 127.0.0.1, running on its own event-loop thread."""
 
-    def __init__(self, address: str = "127.0.0.1:0") -> None:
-        """Listen on ``address`` (a free loopback port by default, or ``unix:PATH``)."""
+    def __init__(self, address: str = "127.0.0.1:0", options: tuple[tuple[str, int], ...] = ()) -> None:
+        """Listen on ``address`` (a free loopback port by default, or ``unix:PATH``) with gRPC ``options``."""
         self.log = ServerLog()
+        self.options = options
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
@@ -173,7 +174,7 @@ class ScriptedServer:
         self.target = address if address.startswith("unix:") else f"127.0.0.1:{self.port}"
 
     async def _start(self, address: str) -> int:
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(options=self.options)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(ScriptedServicer(self.log), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -230,8 +231,8 @@ def scripted_server_factory() -> Iterator[Callable[..., ScriptedServer]]:
     """Make extra scripted servers (replicas), stopped after the test."""
     servers: list[ScriptedServer] = []
 
-    def make(address: str = "127.0.0.1:0") -> ScriptedServer:
-        servers.append(ScriptedServer(address))
+    def make(address: str = "127.0.0.1:0", options: tuple[tuple[str, int], ...] = ()) -> ScriptedServer:
+        servers.append(ScriptedServer(address, options))
         return servers[-1]
 
     yield make

@@ -251,8 +251,8 @@ def test_complete_many_keeps_order_and_can_return_exceptions(scripted) -> None:
             await client.complete_many(["count 1"], concurrency=0)
 
     run(scripted.target, body)
-    forever = [rid for rid, r in scripted.log.requests.items() if r.text == "forever"]
-    assert [scripted.log.finished.get(rid) for rid in forever] == ["cancelled"]
+    (forever,) = [rid for rid, r in scripted.log.requests.items() if r.text == "forever"]
+    scripted.wait(lambda log: log.finished.get(forever) == "cancelled")
 
 
 def test_bearer_token_is_sent_on_streams_and_unary_calls(scripted) -> None:
@@ -348,3 +348,19 @@ def test_closing_the_client_fails_a_request_waiting_to_be_retried(scripted) -> N
             await asyncio.wait_for(generation.__anext__(), 5)
 
     asyncio.run(main())
+
+
+def test_streams_on_a_connection_past_its_max_age_drain_while_new_requests_move_on(scripted_server_factory) -> None:
+    # GOAWAY after 0.4 s; calls still open on the old connection are cut 1.2 s later.
+    server = scripted_server_factory(
+        options=(("grpc.max_connection_age_ms", 400), ("grpc.max_connection_age_grace_ms", 1200))
+    )
+
+    async def body(client: AsyncClient) -> None:
+        first = asyncio.ensure_future(client.complete("count 8 0.1"))  # done before the cut
+        await asyncio.sleep(0.7)  # past the connection's age
+        second = await client.complete("count 15 0.1")  # would outlive the old connection
+        assert len((await first).token_ids) == 8 and len(second.token_ids) == 15
+
+    run(server.target, body)
+    assert server.log.streams == 2
