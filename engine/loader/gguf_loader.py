@@ -75,7 +75,7 @@ def _check_tensors(path: Path, reader: Any) -> None:
             raise ModelLoadError(f"{path}: the GGUF file is truncated: tensor {t.name} ends at byte {end}, the file has {size}")
         if t.tensor_type in checked:
             continue
-        block_size, type_size = GGML_QUANT_SIZES[t.tensor_type]
+        _, type_size = GGML_QUANT_SIZES[t.tensor_type]
         try:
             # NOTE: one block of zeros asks gguf whether it can dequantize this type at all.
             dequantize(np.zeros((1, type_size), dtype=np.uint8), t.tensor_type)
@@ -123,6 +123,7 @@ def load_gguf(
         ModelLoadError: not a GGUF file, truncated, an unknown architecture or quantization type,
             or tensors that do not fit the architecture.
     """
+    path = Path(path)
     if reader is None:
         reader = open_gguf(path)
     meta = GGUFMetadata(reader.fields)

@@ -89,6 +89,7 @@ def load_hf(path: Path, dtype: torch.dtype, device: torch.device, progress: bool
         ModelLoadError: no config.json, an unknown architecture, missing or unreadable weights, or
             tensors that do not fit the architecture.
     """
+    path = Path(path)
     if not is_hf_folder(path):
         raise ModelLoadError(f"{path}: not a model folder (no config.json)")
     config_json = _read_config(path)

@@ -13,7 +13,7 @@ from tokenwire.engine.loader.architecture import BuiltModel, LoadableModel
 from tokenwire.engine.loader.default_model import default_model_path
 from tokenwire.engine.loader.devices import resolve_device, resolve_dtype
 from tokenwire.engine.loader.gguf_loader import is_gguf_file, load_gguf, open_gguf
-from tokenwire.engine.loader.hf_loader import is_hf_folder, load_hf
+from tokenwire.engine.loader.hf_loader import load_hf
 
 
 @dataclass
@@ -28,7 +28,7 @@ class LoadedModel:
         dtype: dtype of weights and activations.
         device: where the weights live.
         max_context_length: most positions the model supports.
-        eos_token_ids: tokens that end a generation (from the tokenizer).
+        eos_token_ids: tokens that end a generation (the tokenizer's, else the checkpoint's).
         source_path: the file or folder it came from.
     """
 
@@ -90,6 +90,7 @@ def load_model(
         dtype=dt,
         device=dev,
         max_context_length=built.model.max_context_length,
-        eos_token_ids=list(tokenizer.eos_token_ids),
+        # NOTE: the tokenizer knows the end-of-turn tokens too; the checkpoint's own list is the fallback.
+        eos_token_ids=list(tokenizer.eos_token_ids) or list(getattr(built.config, "eos_token_ids", ())),
         source_path=path,
     )
