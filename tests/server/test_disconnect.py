@@ -8,8 +8,6 @@ from typing import Any
 import grpc
 import pytest
 
-from tokenwire.client.v1 import generation_pb2 as pb
-
 pytestmark = pytest.mark.slow
 
 LONG = {"text": "Write a very long story:", "max_tokens": 2000, "ignore_eos": True}
