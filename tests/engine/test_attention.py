@@ -95,4 +95,5 @@ def test_keys_land_in_their_slots() -> None:
     paged_attention(torch.randn(2, H_Q, D), k, k.clone(), k_cache, v_cache, meta)
     torch.testing.assert_close(k_cache[3, 1], k[0])
     torch.testing.assert_close(k_cache[0, 2], k[1])
-    assert k_cache.abs().sum() == k.abs().sum()
+    # Nothing else was written.
+    assert int((k_cache != 0).any(dim=-1).any(dim=-1).sum()) == 2
