@@ -7,8 +7,9 @@ from typing import Any
 
 from tokenwire.engine.loader.architecture import Architecture
 from tokenwire.engine.loader.llama_arch import LLAMA
+from tokenwire.engine.loader.production_arch import PRODUCTION_TRANSFORMER
 
-_ARCHITECTURES: list[Architecture] = [LLAMA]
+_ARCHITECTURES: list[Architecture] = [LLAMA, PRODUCTION_TRANSFORMER]
 
 
 def register_architecture(arch: Architecture) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -404,6 +405,31 @@ class ProductionTransformer(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() > 1 and "embedding" not in name:
                 nn.init.xavier_uniform_(p)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors in by their ``state_dict`` names (the seed's module names).
+
+        With tied weights, ``lm_head.weight`` may be present or not; it must equal the embedding.
+
+        Raises:
+            ValueError: an unknown name, a tensor of the wrong shape, or a missing parameter.
+        """
+        params = dict(self.named_parameters())
+        seen: set[str] = set()
+        with torch.no_grad():
+            for name, tensor in weights:
+                if name == "lm_head.weight" and self.config.tie_weights:
+                    name = "embedding.weight"
+                param = params.get(name)
+                if param is None:
+                    raise ValueError(f"unexpected weight {name!r} for ProductionTransformer")
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+                param.copy_(tensor)
+                seen.add(name)
+        missing = sorted(set(params) - seen)
+        if missing:
+            raise ValueError(f"missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
 
     # ----- EngineModel -----
 

@@ -1,0 +1,100 @@
+"""Engine mechanics on a tiny random seed ProductionTransformer served from a folder: aborts, streaming text, batching."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenwire.engine import LLM, FinishReason, SamplingParams
+from tokenwire.engine.core import EngineCore
+from tokenwire.engine.loader.production_arch import save_folder
+from tokenwire.engine.models.production_transformer import ProductionTransformer, ProductionTransformerConfig
+from tokenwire.engine.outputs import RequestOutput
+from tokenwire.engine.request import GenerationRequest
+from tokenwire.engine.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def seed_model_folder(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Path:
+    """A tiny random ProductionTransformer with the default model's tokenizer, saved as a model folder."""
+    folder = tmp_path_factory.mktemp("seed-model")
+    tokenizer = Tokenizer.from_gguf(default_model_path)
+    torch.manual_seed(0)
+    config = ProductionTransformerConfig(
+        vocab_size=tokenizer.vocab_size, d_model=64, num_heads=4, num_layers=2, dim_feedforward=128,
+        dropout=0.0, max_len=512, tie_weights=False,
+    )
+    save_folder(ProductionTransformer(config), folder)
+    tokenizer.backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llm(seed_model_folder: Path) -> LLM:
+    return LLM(str(seed_model_folder), dtype="float32", max_num_seqs=8, max_num_batched_tokens=48)
+
+
+def test_seed_model_serves_and_matches_its_own_greedy_generate(llm: LLM) -> None:
+    assert llm.model_info().architecture == "production_transformer"
+    prompts = [[random.Random(i).randint(10, 4000) for _ in range(5 + 7 * i)] for i in range(5)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    together = llm.generate(prompts, params)
+    model = llm.loaded.model
+    for prompt, got in zip(prompts, together):
+        dense = model.greedy_generate(torch.tensor([prompt]), max_new_tokens=12)
+        assert got.token_ids == dense[0, len(prompt) :].tolist()
+        assert llm.generate([prompt], params)[0].token_ids == got.token_ids
+
+
+def test_random_aborts_free_every_block(seed_model_folder: Path, llm: LLM) -> None:
+    core = EngineCore(llm.loaded, llm.args)
+    rng = random.Random(1)
+    finals: dict[str, RequestOutput] = {}
+    open_ids = []
+    for i in range(16):
+        rid = f"r{i}"
+        core.add_request(
+            GenerationRequest(rid, prompt_token_ids=[rng.randint(10, 4000) for _ in range(rng.randint(3, 60))],
+                              params=SamplingParams(temperature=1.0, seed=i, max_tokens=rng.randint(1, 30)))
+        )
+        open_ids.append(rid)
+    steps = 0
+    while core.has_unfinished():
+        outs = core.step()
+        steps += 1
+        if rng.random() < 0.3 and core.requests:
+            out = core.abort(rng.choice(sorted(core.requests)))
+            assert out is not None and out.finish_reason is FinishReason.CANCELLED
+            outs.append(out)
+        for out in outs:
+            if out.finished:
+                assert out.request_id not in finals, "exactly one final output per request"
+                finals[out.request_id] = out
+    assert sorted(finals) == sorted(open_ids)
+    assert any(o.finish_reason is FinishReason.CANCELLED for o in finals.values())
+    assert core.block_manager.num_used_blocks == 0
+    assert core.abort("r0") is None  # finished ids are harmless
+
+
+def test_streamed_text_concatenates_to_the_decoded_completion(llm: LLM) -> None:
+    """Random sampling over a byte-level vocabulary splits multi-byte characters across tokens."""
+    core = EngineCore(llm.loaded, llm.args)
+    tok = llm.tokenizer
+    prompt = tok.encode("Les élèves étudient le 日本語 et les émojis 🎉🎉")
+    for i in range(6):
+        core.add_request(GenerationRequest(f"s{i}", prompt_token_ids=prompt, params=SamplingParams(temperature=1.0, seed=100 + i, max_tokens=40, ignore_eos=True)))
+    texts: dict[str, list[str]] = {}
+    ids: dict[str, list[int]] = {}
+    while core.has_unfinished():
+        for out in core.step():
+            texts.setdefault(out.request_id, []).append(out.text)
+            ids.setdefault(out.request_id, []).extend(out.token_ids)
+    for rid, deltas in texts.items():
+        assert "".join(deltas) == tok.decode(ids[rid])
+        # A replacement character may only come from bytes that never complete, never mid-stream.
+        assert all("\ufffd" not in d for d in deltas[:-1]) or "\ufffd" in tok.decode(ids[rid])
