@@ -76,3 +76,18 @@ def test_documented_grpcurl_commands_work(server: Any) -> None:
     assert json_messages(by_key["Tokenize"])[0]["token_ids"]
     assert json_messages(by_key["GetModelInfo"])[0]["kv_blocks_total"] > 0
     assert json_messages(by_key["Health/Check"])[0]["status"] == "SERVING"
+
+
+def test_readme_grpcurl_commands_work(server: Any) -> None:
+    """The README's quick-start grpcurl blocks, run from the repository root as a new user would."""
+    root = DOC.parents[1]
+    text = (root / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```sh\n(.*?)```", text, flags=re.DOTALL) if "grpcurl" in b]
+    assert len(blocks) >= 2
+    for block in blocks:
+        done = subprocess.run(
+            ["bash", "-c", block.replace(DOC_ADDRESS, server.address)], capture_output=True, text=True, cwd=root, timeout=180
+        )
+        assert done.returncode == 0, f"{block}\n{done.stderr}"
+        if "What is the capital" in block:
+            assert "Paris" in "".join(m.get("text", "") for m in json_messages(done.stdout))
