@@ -26,6 +26,27 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True)
+class PrefillBatch:
+    """All prefill chunks of a step as padded tensors, for one attention call without a Python loop.
+
+    Attributes:
+        query_index: [S, Q_max] int64, flat-batch index of each chunk's queries (padding repeats a
+            valid index and is masked out).
+        query_valid: [S, Q_max] bool, True for real queries; row-major order of the True entries is
+            the flat-batch order of the prefill tokens.
+        query_pos: [S, Q_max] int64, position of each query in its sequence (0 for padding).
+        block_tables: [S, B_max] int64 block ids, padded with 0.
+        context_lens: [S] int64, context length after this step.
+    """
+
+    query_index: torch.Tensor
+    query_valid: torch.Tensor
+    query_pos: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """Everything attention needs to know about one flat batch; built by the runner, passed as an argument.
 
@@ -39,6 +60,8 @@ class AttentionMetadata:
         decode_context_lens: [num_decode] int64, context length including the new token.
         prefills: the prefill chunks, after the decodes.
         block_size: tokens per KV block.
+        prefill_batch: when set, the chunks are attended in one padded call (the runner sets it on
+            CUDA, where a Python loop over chunks would cost a kernel launch chain per chunk).
     """
 
     slot_mapping: torch.Tensor
@@ -47,6 +70,26 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor
     prefills: list[PrefillChunk] = field(default_factory=list)
     block_size: int = 16
+    prefill_batch: PrefillBatch | None = None
+
+
+def build_prefill_batch(chunks: list[PrefillChunk], tables: list[list[int]], device: torch.device) -> PrefillBatch:
+    """Padded index tensors that let attention take every chunk of a step in one call.
+
+    ``tables[i]`` is chunk i's block table as a list (the chunk's tensor would need a device sync).
+    """
+    q_max = max(c.query_len for c in chunks)
+    b_max = max(len(t) for t in tables)
+    index = [[c.query_start + min(i, c.query_len - 1) for i in range(q_max)] for c in chunks]
+    valid = [[i < c.query_len for i in range(q_max)] for c in chunks]
+    pos = [[c.context_len - c.query_len + i if i < c.query_len else 0 for i in range(q_max)] for c in chunks]
+    return PrefillBatch(
+        query_index=torch.tensor(index, dtype=torch.long, device=device),
+        query_valid=torch.tensor(valid, dtype=torch.bool, device=device),
+        query_pos=torch.tensor(pos, dtype=torch.long, device=device),
+        block_tables=torch.tensor([t + [0] * (b_max - len(t)) for t in tables], dtype=torch.long, device=device),
+        context_lens=torch.tensor([c.context_len for c in chunks], dtype=torch.long, device=device),
+    )
 
 
 def write_kv(
@@ -90,6 +133,9 @@ def paged_attention(
     nd = meta.num_decode_tokens
     if nd:
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale, gqa)
+    if meta.prefill_batch is not None:
+        out[nd:] = _batched_prefill_attention(q, k_cache, v_cache, meta.prefill_batch, meta.block_size, scale, gqa)
+        return out
     for chunk in meta.prefills:
         s, n = chunk.query_start, chunk.query_len
         qs = q[s : s + n].transpose(0, 1)  # [H_q, n, D]
@@ -131,3 +177,30 @@ def _decode_attention(
     mask = (pos[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]  # [S, 1, 1, L]
     o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return o.squeeze(2)  # [S, H_q, D]
+
+
+def _batched_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: PrefillBatch,
+    block_size: int,
+    scale: float | None,
+    gqa: bool,
+) -> torch.Tensor:
+    """Every prefill chunk in one SDPA call: queries padded to the longest chunk, keys to the longest context."""
+    num_seqs, max_blocks = batch.block_tables.shape
+    h_kv, d = k_cache.shape[-2], k_cache.shape[-1]
+    length = max_blocks * block_size
+    qs = q[batch.query_index].transpose(1, 2)  # [S, H_q, Q_max, D]
+    flat = batch.block_tables.reshape(-1)
+    ks = k_cache.index_select(0, flat).reshape(num_seqs, length, h_kv, d).transpose(1, 2).to(q.dtype)
+    vs = v_cache.index_select(0, flat).reshape(num_seqs, length, h_kv, d).transpose(1, 2).to(q.dtype)
+    k_pos = torch.arange(length, device=q.device)
+    # Causal within the context, and nothing past each sequence's length. Padding queries sit at
+    # position 0 and see key 0, so no row is fully masked (which would give NaN).
+    mask = (k_pos[None, None, :] <= batch.query_pos[:, :, None]) & (
+        k_pos[None, None, :] < batch.context_lens[:, None, None]
+    )  # [S, Q_max, L]
+    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
+    return o.transpose(1, 2)[batch.query_valid]  # [T_prefill, H_q, D]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenwire.engine.attention import AttentionMetadata, PrefillChunk
+from tokenwire.engine.attention import AttentionMetadata, PrefillChunk, build_prefill_batch
 from tokenwire.engine.models.base import EngineModel, KVCacheSpec
 from tokenwire.engine.scheduler import ScheduledSequence, SchedulerOutput
 
@@ -33,10 +33,22 @@ class ModelRunner:
     mappings (where new keys go) and padded tables (where attention reads).
     """
 
-    def __init__(self, model: EngineModel, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: EngineModel,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        batch_prefills: bool | None = None,
+    ) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
+        # NOTE: on CUDA all prompt chunks of a step go through one padded attention call (no Python
+        # loop over sequences); on CPU a loop per chunk is faster, since a chunk without earlier
+        # context takes SDPA's is_causal path and nothing is padded.
+        self.batch_prefills = device.type == "cuda" if batch_prefills is None else batch_prefills
         spec = model.kv_cache_spec
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [
@@ -54,6 +66,7 @@ class ModelRunner:
         sample_idx: list[int] = []
         sampled: list[ScheduledSequence] = []
         prefills: list[PrefillChunk] = []
+        prefill_tables: list[list[int]] = []
         for item in out.scheduled:
             seq, table = item.seq, item.block_table
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
@@ -63,6 +76,7 @@ class ModelRunner:
             positions.extend(pos)
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
             if item.num_new_tokens > 1:
+                prefill_tables.append(table[: (end + bs - 1) // bs])
                 prefills.append(
                     PrefillChunk(
                         query_start=query_start,
@@ -91,6 +105,7 @@ class ModelRunner:
             decode_context_lens=decode_lens,
             prefills=prefills,
             block_size=bs,
+            prefill_batch=build_prefill_batch(prefills, prefill_tables, dev) if self.batch_prefills and prefills else None,
         )
         hidden = self.model.forward_flat(
             torch.tensor(input_ids, dtype=torch.long, device=dev),

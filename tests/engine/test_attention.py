@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenwire.engine.attention import AttentionMetadata, PrefillChunk, paged_attention
+from tokenwire.engine.attention import AttentionMetadata, PrefillChunk, build_prefill_batch, paged_attention
 
 H_Q, H_KV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 64
 
@@ -22,9 +22,13 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return o.transpose(0, 1)
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["chunk-loop", "batched-prefill"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_paged_equals_dense_over_a_mixed_multi_step_schedule(seed: int) -> None:
-    """Three sequences run through several steps of chunks and decodes; every output matches dense."""
+def test_paged_equals_dense_over_a_mixed_multi_step_schedule(seed: int, batched: bool) -> None:
+    """Three sequences run through several steps of chunks and decodes; every output matches dense.
+
+    Both prefill paths: one attention call per chunk (CPU), and all chunks padded into one (CUDA).
+    """
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     lengths = [rng.randint(5, 30) for _ in range(3)]
@@ -54,12 +58,13 @@ def test_paged_equals_dense_over_a_mixed_multi_step_schedule(seed: int) -> None:
         q = torch.cat([qs[i][done[i] : done[i] + t] for i, t in order])
         k = torch.cat([ks[i][done[i] : done[i] + t] for i, t in order])
         v = torch.cat([vs[i][done[i] : done[i] + t] for i, t in order])
-        slots, prefills, start = [], [], 0
+        slots, prefills, prefill_tables, start = [], [], [], 0
         for i, t in order:
             for p in range(done[i], done[i] + t):
                 slots.append(tables[i][p // BS] * BS + p % BS)
             if t > 1:
                 prefills.append(PrefillChunk(start, t, done[i] + t, torch.tensor(tables[i])))
+                prefill_tables.append(tables[i])
             start += t
         width = max([len(tables[i]) for i, _ in decodes], default=1)
         meta = AttentionMetadata(
@@ -69,6 +74,7 @@ def test_paged_equals_dense_over_a_mixed_multi_step_schedule(seed: int) -> None:
             decode_context_lens=torch.tensor([done[i] + 1 for i, _ in decodes], dtype=torch.long),
             prefills=prefills,
             block_size=BS,
+            prefill_batch=build_prefill_batch(prefills, prefill_tables, torch.device("cpu")) if batched and prefills else None,
         )
         out = paged_attention(q, k, v, k_cache, v_cache, meta)
         start = 0

@@ -51,6 +51,19 @@ def test_seed_model_serves_and_matches_its_own_greedy_generate(llm: LLM) -> None
         assert llm.generate([prompt], params)[0].token_ids == got.token_ids
 
 
+def test_batched_prefill_path_gives_the_same_tokens(llm: LLM) -> None:
+    """The CUDA-style loop-free prefill attention, forced on CPU, changes no token."""
+    prompts = [[random.Random(50 + i).randint(10, 4000) for _ in range(9 + 11 * i)] for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    expected = llm.generate(prompts, params)
+    llm.core.runner.batch_prefills = True
+    try:
+        got = llm.generate(prompts, params)
+    finally:
+        llm.core.runner.batch_prefills = False
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+
+
 def test_random_aborts_free_every_block(seed_model_folder: Path, llm: LLM) -> None:
     core = EngineCore(llm.loaded, llm.args)
     rng = random.Random(1)
