@@ -151,9 +151,8 @@ class TokenwireServer:
 
             args = self.settings.engine_args()
             _log.info("loading model", model=args.model or "default", dtype=args.dtype, device=args.device)
-            # NOTE: only the weights load in a worker thread (seconds; health keeps answering). The
-            # engine itself is built here, on the loop's thread: built on a worker thread while the
-            # loop ran, decoding measured 5-10x slower on CPU (torch's per-thread state).
+            # NOTE: the weights load in a worker thread (seconds; health keeps answering meanwhile).
+            # Building the engine around them (allocating the KV pool) takes well under a second.
             loaded = await _in_daemon_thread(lambda: load_model(args.model, dtype=args.dtype, device=args.device))
             engine = AsyncEngine(args, loaded=loaded)
             await engine.start()
