@@ -166,8 +166,8 @@ class AsyncEngine:
 
     def _apply(self, commands: list[_Command]) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
-        for kind, arg in commands:
-            if kind == "abort":
+        for _kind, arg in commands:
+            if isinstance(arg, str):  # an abort names its request id
                 out = self.core.abort(arg)
                 if out is not None:
                     outputs.append(out)

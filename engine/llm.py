@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Union
+from typing import Union, cast
 
 from tokenwire.engine.config import EngineArgs
 from tokenwire.engine.core import EngineCore
@@ -104,5 +104,5 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
         return []
     first = prompts[0]
     if isinstance(first, int) or isinstance(first, Mapping):
-        return [prompts]  # a single token-id list or a single chat
+        return [cast(Prompt, prompts)]  # a single token-id list or a single chat
     return list(prompts)  # type: ignore[arg-type]

@@ -28,6 +28,9 @@ class RotaryEmbedding(nn.Module):
     so packed batches of unrelated sequences need no special handling.
     """
 
+    cos: torch.Tensor  # [P, D], a buffer
+    sin: torch.Tensor  # [P, D], a buffer
+
     def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))

@@ -95,6 +95,8 @@ class ProductionTransformerConfig:
 class PositionalEncoding(nn.Module):
     """Sinusoidal positional encoding (non-trainable), looked up by explicit position."""
 
+    pe: torch.Tensor  # [max_len, d_model], a buffer
+
     def __init__(self, d_model: int, max_len: int = 2048) -> None:
         super().__init__()
         position = torch.arange(max_len, dtype=torch.float32)[:, None]  # [P, 1]
