@@ -30,7 +30,7 @@ from tokenwire.client.types import Completion, HealthStatus, ModelInfo, Sampling
 from tokenwire.client.v1 import generation_pb2 as pb
 
 if TYPE_CHECKING:
-    from typing_extensions import Unpack
+    from typing import Unpack
 
 T = TypeVar("T")
 

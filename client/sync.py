@@ -16,7 +16,7 @@ from tokenwire.client.generation import AsyncGeneration
 from tokenwire.client.types import Completion, GenerationChunk, HealthStatus, ModelInfo, SamplingKwargs
 
 if TYPE_CHECKING:
-    from typing_extensions import Unpack
+    from typing import Unpack
 
 T = TypeVar("T")
 
