@@ -28,6 +28,8 @@ class EngineArgs:
         max_model_len: most tokens (prompt plus completion) per request; None is the model's limit.
         enable_prefix_caching: reuse cached KV blocks of identical prompt prefixes.
         seed: seed of the random draws of requests that set no seed of their own.
+        prepack_weights: on CPU, pack the linear layers' weights once for oneDNN (faster matmuls
+            than torch's default BLAS; results equal up to float rounding). False keeps ``F.linear``.
     """
 
     model: str | None = None
@@ -41,6 +43,7 @@ class EngineArgs:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    prepack_weights: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

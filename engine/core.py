@@ -10,6 +10,7 @@ from tokenwire.engine.detokenizer import IncrementalDetokenizer
 from tokenwire.engine.errors import DuplicateRequestError, InvalidRequestError, PromptTooLongError, QueueFullError
 from tokenwire.engine.info import EngineStats, ModelInfo
 from tokenwire.engine.loader import LoadedModel
+from tokenwire.engine.models.packed_linear import can_prepack, prepack_linears
 from tokenwire.engine.outputs import FinishReason, RequestOutput
 from tokenwire.engine.request import GenerationRequest
 from tokenwire.engine.runner import ModelRunner, num_blocks_for_budget
@@ -30,6 +31,9 @@ class EngineCore:
         self.args = args
         self.tokenizer = loaded.tokenizer
         model = loaded.model
+        if args.prepack_weights and can_prepack(loaded.dtype, loaded.device):
+            # NOTE: in place: the engine owns the loaded model from here on.
+            prepack_linears(model)
         spec = model.kv_cache_spec
         num_blocks = num_blocks_for_budget(spec, loaded.dtype, args.block_size, self._kv_budget_bytes())
         if num_blocks < 2:
