@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -16,6 +17,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # NOTE: one fused kernel instead of six small ones; the same formula in float32.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
@@ -40,14 +44,25 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
+    def tables(self, positions: torch.Tensor) -> RopeTables:
+        """cos and sin for positions: [..., T], each [..., T, 1, D] (broadcast over heads).
+
+        A model looks them up once per forward and hands them to every layer.
+        """
+        return self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q: [..., T, H, D] and k: [..., T, H_kv, D] by positions: [..., T]."""
-        cos = self.cos[positions].unsqueeze(-2)  # [..., T, 1, D]
-        sin = self.sin[positions].unsqueeze(-2)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        cos, sin = self.tables(positions)
+        return rotate(q, cos, sin), rotate(k, cos, sin)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+# cos and sin, each [..., T, 1, D], from ``RotaryEmbedding.tables``.
+RopeTables = tuple[torch.Tensor, torch.Tensor]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply RoPE to x: [..., T, H, D] with tables [..., T, 1, D]."""
     # NOTE: computed in float32 for accuracy, then cast back to the activations' dtype.
     xf = x.float()
     half = xf.shape[-1] // 2

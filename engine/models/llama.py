@@ -11,7 +11,7 @@ from torch import nn
 
 from tokenwire.engine.attention import AttentionMetadata, paged_attention
 from tokenwire.engine.models.base import KVCacheSpec
-from tokenwire.engine.models.layers import RMSNorm, RotaryEmbedding
+from tokenwire.engine.models.layers import RMSNorm, RopeTables, RotaryEmbedding, rotate
 
 
 @dataclass(frozen=True)
@@ -95,34 +95,30 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
 
-    def _qkv(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, x: torch.Tensor, rope: RopeTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project and rotate. x: [..., T, hidden] -> q: [..., T, H, D], k, v: [..., T, H_kv, D]."""
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         lead = x.shape[:-1]
-        q = q.view(*lead, self.num_heads, self.head_dim)
-        k = k.view(*lead, self.num_kv_heads, self.head_dim)
-        v = v.view(*lead, self.num_kv_heads, self.head_dim)
-        q, k = rotary(q, k, positions)
-        return q, k, v
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # NOTE: q and k sit side by side in the fused projection, so one rotation covers both.
+        qk = rotate(qk.view(*lead, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)
+        return q, k, v.view(*lead, self.num_kv_heads, self.head_dim)
 
     def forward_flat(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-        rotary: RotaryEmbedding,
+        rope: RopeTables,
     ) -> torch.Tensor:
         """Attention for a flat batch through the paged cache. x: [T, hidden] -> [T, hidden]."""
-        q, k, v = self._qkv(x, positions, rotary)  # q: [T, H, D]; k, v: [T, H_kv, D]
+        q, k, v = self._qkv(x, rope)  # q: [T, H, D]; k, v: [T, H_kv, D]
         o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, scale=self.scale)  # [T, H, D]
         return self.o_proj(o.reshape(x.shape[0], self.q_size))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
-        """Dense causal attention. x: [B, T, hidden], positions: [T] -> [B, T, hidden]."""
-        q, k, v = self._qkv(x, positions, rotary)
+    def forward(self, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+        """Dense causal attention. x: [B, T, hidden], rope: tables for positions 0..T-1 -> [B, T, hidden]."""
+        q, k, v = self._qkv(x, rope)
         # q: [B, H, T, D]; k, v: [B, H_kv, T, D]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         o = F.scaled_dot_product_attention(
@@ -159,18 +155,17 @@ class DecoderLayer(nn.Module):
     def forward_flat(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-        rotary: RotaryEmbedding,
+        rope: RopeTables,
     ) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]."""
-        x = x + self.self_attn.forward_flat(self.input_layernorm(x), positions, kv_cache, meta, rotary)
+        x = x + self.self_attn.forward_flat(self.input_layernorm(x), kv_cache, meta, rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
         """x: [B, T, hidden] -> [B, T, hidden]."""
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary)
+        x = x + self.self_attn(self.input_layernorm(x), rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -268,8 +263,9 @@ class LlamaForCausalLM(nn.Module):
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"kv_caches has {len(kv_caches)} layers, the model has {len(self.layers)}")
         x = self.embed_tokens(input_ids)  # [T, hidden]
+        rope = self.rotary.tables(positions)  # NOTE: looked up once, not once per layer.
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer.forward_flat(x, positions, kv_cache, meta, self.rotary)
+            x = layer.forward_flat(x, kv_cache, meta, rope)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -291,8 +287,9 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # [T]
         x = self.embed_tokens(input_ids)  # [B, T, hidden]
+        rope = self.rotary.tables(positions)
         for layer in self.layers:
-            x = layer(x, positions, self.rotary)
+            x = layer(x, rope)
         return self.compute_logits(x)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
