@@ -28,6 +28,10 @@ class EngineArgs:
         max_model_len: most tokens (prompt plus completion) per request; None is the model's limit.
         enable_prefix_caching: reuse cached KV blocks of identical prompt prefixes.
         seed: seed of the random draws of requests that set no seed of their own.
+        speculative_tokens: draft tokens per step for greedy requests, looked up in the request's
+            own prompt and output (n-gram speculative decoding; outputs stay the greedy ones); 0 is off.
+        speculative_max_batch: speculate only while at most this many sequences run (with more, a
+            step is bound by compute rather than by reading weights, and drafts would slow it).
         prepack_weights: on CPU, pack the linear layers' weights once for oneDNN (faster matmuls
             than torch's default BLAS; results equal up to float rounding). False keeps ``F.linear``.
     """
@@ -43,6 +47,8 @@ class EngineArgs:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    speculative_tokens: int = 0
+    speculative_max_batch: int = 4
     prepack_weights: bool = True
 
     def __post_init__(self) -> None:
@@ -60,5 +66,9 @@ class EngineArgs:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.speculative_tokens <= 64:
+            raise ValueError(f"speculative_tokens must be in [0, 64], got {self.speculative_tokens}")
+        if self.speculative_max_batch < 1:
+            raise ValueError(f"speculative_max_batch must be >= 1, got {self.speculative_max_batch}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2 when set, got {self.max_model_len}")

@@ -11,11 +11,12 @@ from tokenwire.engine.errors import DuplicateRequestError, InvalidRequestError, 
 from tokenwire.engine.info import EngineStats, ModelInfo
 from tokenwire.engine.loader import LoadedModel
 from tokenwire.engine.models.packed_linear import can_prepack, prepack_linears
-from tokenwire.engine.outputs import FinishReason, RequestOutput
+from tokenwire.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from tokenwire.engine.request import GenerationRequest
 from tokenwire.engine.runner import ModelRunner, num_blocks_for_budget
 from tokenwire.engine.sampler import Sampler, SamplingState
-from tokenwire.engine.scheduler import Scheduler
+from tokenwire.engine.scheduler import ScheduledSequence, Scheduler
+from tokenwire.engine.speculative import propose_ngram
 from tokenwire.engine.sequence import Sequence
 
 
@@ -46,13 +47,16 @@ class EngineCore:
         limit = min(loaded.max_context_length, num_blocks * args.block_size)
         self.max_model_len = min(args.max_model_len or limit, limit)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens)
+        drafter = self._draft if args.speculative_tokens else None
+        self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, drafter)
         self.runner = ModelRunner(model, num_blocks, args.block_size, loaded.dtype, loaded.device)
         self.sampler = Sampler(seed=args.seed, device=loaded.device)
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.draft_tokens_total = 0
+        self.accepted_draft_tokens_total = 0
 
     def _kv_budget_bytes(self) -> int:
         mem = self.args.kv_cache_memory
@@ -154,25 +158,53 @@ class EngineCore:
         self.scheduler.update(sched.scheduled)
         if not result.sampled:
             return []
-        sampled = self.sampler(result.logits, [item.seq.sampling_state for item in result.sampled])
-        return [
-            self._append(item.seq, tok, lp)
-            for item, tok, lp in zip(result.sampled, sampled.token_ids, sampled.logprobs)
-        ]
+        states = [item.seq.sampling_state for item in result.sampled for _ in range(item.num_sampled_rows)]
+        sampled = self.sampler(result.logits, states)
+        outputs = []
+        row = 0
+        for item in result.sampled:
+            rows = slice(row, row + item.num_sampled_rows)
+            row = rows.stop
+            outputs.append(self._accept(item, sampled.token_ids[rows], sampled.logprobs[rows]))
+        return outputs
 
-    def _append(self, seq: Sequence, token: int, logprob: object) -> RequestOutput:
+    def _accept(self, item: ScheduledSequence, tokens: list[int], logprobs: list[TokenLogprob | None]) -> RequestOutput:
+        """Append a sequence's sampled tokens: its drafts as far as the model agrees, then one of its own.
+
+        Row j samples what follows draft j-1, so while drafts match their rows' tokens they are what
+        decoding one token at a time would have produced; the first row that disagrees gives the
+        correction, and a sequence whose drafts all match gains one token more.
+        """
+        seq, drafts = item.seq, item.draft_token_ids
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == tokens[accepted]:
+            accepted += 1
+        self.draft_tokens_total += len(drafts)
+        self.accepted_draft_tokens_total += accepted
+        out = RequestOutput(seq.request_id)
+        for token, logprob in zip(tokens[: accepted + 1], logprobs[: accepted + 1]):
+            self._append(seq, token, logprob, out)
+            if out.finished:
+                return out
+        self.scheduler.accept_drafts(seq, accepted)
+        return out
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None, out: RequestOutput) -> None:
+        # Adds one token to the sequence and to ``out``; sets the finish reason when it ends the request.
         seq.append_token(token)
         seq.sampling_state.append(token)
         self.generation_tokens_total += 1
         params = seq.params
-        out = RequestOutput(seq.request_id, token_ids=[token], logprobs=[logprob] if logprob is not None else [])
+        out.token_ids.append(token)
+        if logprob is not None:
+            out.logprobs.append(logprob)
         stopped_by_string = False
         if token in params.stop_token_ids or token in seq.eos_token_ids:
             # The stop token is reported in token_ids but never enters the text.
             out.finish_reason = FinishReason.STOP
         else:
             update = seq.detokenizer.add_tokens([token])
-            out.text = update.text
+            out.text += update.text
             if update.stopped:
                 out.finish_reason = FinishReason.STOP
                 stopped_by_string = True
@@ -184,7 +216,19 @@ class EngineCore:
             self.requests.pop(seq.request_id, None)
             self.scheduler.finish(seq)
             out.usage = seq.usage()
-        return out
+
+    def _draft(self, seq: Sequence, max_tokens: int) -> list[int]:
+        """Draft tokens for a decoding sequence, or [] where speculation would not pay or not be exact.
+
+        Only greedy requests without penalties or a min_tokens mask speculate: each of their rows
+        then takes the argmax of the raw logits, whatever came before it in the step.
+        """
+        state = seq.sampling_state
+        if len(self.scheduler.running) > self.args.speculative_max_batch:
+            return []
+        if not state.greedy or state.uses_penalties or state.masked_token_ids():
+            return []
+        return propose_ngram(seq.token_ids, min(max_tokens, self.args.speculative_tokens))
 
     # ---- views -----------------------------------------------------------------------------
 
@@ -201,6 +245,8 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            draft_tokens_total=self.draft_tokens_total,
+            accepted_draft_tokens_total=self.accepted_draft_tokens_total,
         )
 
     def model_info(self) -> ModelInfo:

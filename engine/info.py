@@ -35,6 +35,8 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    draft_tokens_total: int = 0
+    accepted_draft_tokens_total: int = 0
 
     @property
     def kv_cache_usage(self) -> float:

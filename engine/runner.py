@@ -13,10 +13,14 @@ from tokenwire.engine.scheduler import ScheduledSequence, SchedulerOutput
 
 @dataclass(frozen=True)
 class RunnerOutput:
-    """Logits of the sequences that sample this step, in the order of ``sampled``."""
+    """Logits of the sequences that sample this step, in the order of ``sampled``.
+
+    Each sequence has ``num_sampled_rows`` consecutive rows: one for its next token, plus one after
+    each of its draft tokens.
+    """
 
     sampled: list[ScheduledSequence]
-    logits: torch.Tensor  # [num_sampled, vocab] float32
+    logits: torch.Tensor  # [sum of num_sampled_rows, vocab] float32
 
 
 def num_blocks_for_budget(spec: KVCacheSpec, dtype: torch.dtype, block_size: int, budget_bytes: int) -> int:
@@ -71,7 +75,7 @@ class ModelRunner:
             seq, table = item.seq, item.block_table
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
             query_start = len(input_ids)
-            input_ids.extend(seq.token_ids[start:end])
+            input_ids.extend(item.input_token_ids)
             pos = range(start, end)
             positions.extend(pos)
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
@@ -86,7 +90,8 @@ class ModelRunner:
                     )
                 )
             if item.samples:
-                sample_idx.append(len(input_ids) - 1)
+                rows = item.num_sampled_rows
+                sample_idx.extend(range(len(input_ids) - rows, len(input_ids)))
                 sampled.append(item)
         dev = self.device
         decodes = out.decodes

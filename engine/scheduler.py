@@ -3,24 +3,47 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenwire.engine.block_manager import BlockManager
 from tokenwire.engine.sequence import Sequence, SequenceStatus
 
 
+# Draft tokens for a decoding sequence (speculative decoding), given the most it may take; [] for none.
+Drafter = Callable[[Sequence, int], list[int]]
+
+
 @dataclass(frozen=True)
 class ScheduledSequence:
-    """One sequence's share of a step: compute tokens [num_computed_tokens, +num_new_tokens)."""
+    """One sequence's share of a step: compute tokens [num_computed_tokens, +num_new_tokens).
+
+    With ``draft_token_ids``, the last of those tokens are guesses that follow the sequence's last
+    token (speculative decoding): the step computes them all, and sampling keeps the ones the model
+    agrees with.
+    """
 
     seq: Sequence
     num_new_tokens: int
     block_table: list[int]
+    draft_token_ids: tuple[int, ...] = ()
 
     @property
     def samples(self) -> bool:
         """True when this step reaches the sequence's last token, so its logits give the next token."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens - len(self.draft_token_ids) == self.seq.num_tokens
+
+    @property
+    def input_token_ids(self) -> list[int]:
+        """The tokens this step feeds the model: the sequence's uncomputed ones, then the drafts."""
+        start = self.seq.num_computed_tokens
+        known = self.seq.token_ids[start : start + self.num_new_tokens - len(self.draft_token_ids)]
+        return known + list(self.draft_token_ids)
+
+    @property
+    def num_sampled_rows(self) -> int:
+        """Logit rows the step yields for the sequence when it samples: one, plus one per draft."""
+        return 1 + len(self.draft_token_ids)
 
 
 @dataclass
@@ -57,10 +80,17 @@ class Scheduler:
     at the head of the queue to be recomputed (its own prefix blocks often survive in the cache).
     """
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        drafter: Drafter | None = None,
+    ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.drafter = drafter
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -84,6 +114,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            drafts = self._drafts(seq, budget) if n == 1 else []
+            if drafts and not bm.allocate_slots(seq.request_id, seq.num_computed_tokens + 1 + len(drafts)):
+                drafts = []  # NOTE: guesses never cost a preemption.
+            n += len(drafts)
             while not bm.allocate_slots(seq.request_id, seq.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -91,7 +125,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                self._add_scheduled(out, seq, n)
+                self._add_scheduled(out, seq, n, drafts)
                 budget -= n
                 i += 1
         # NOTE: no admissions in a step that had to preempt: the pool is under pressure, and a
@@ -124,8 +158,16 @@ class Scheduler:
             budget -= n
         return budget
 
-    def _add_scheduled(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
-        item = ScheduledSequence(seq, n, self.block_manager.block_table(seq.request_id))
+    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
+        # A decoding sequence's guesses: within the token budget, and never past its max_tokens
+        # (the token sampled after the accepted drafts must fit too).
+        if self.drafter is None:
+            return []
+        room = min(budget - 1, seq.max_tokens - seq.num_output_tokens - 1)
+        return self.drafter(seq, room)[:room] if room > 0 else []
+
+    def _add_scheduled(self, out: SchedulerOutput, seq: Sequence, n: int, drafts: list[int] | None = None) -> None:
+        item = ScheduledSequence(seq, n, self.block_manager.block_table(seq.request_id), tuple(drafts or ()))
         (out.decodes if n == 1 else out.prefills).append(item)
 
     def _preempt(self, seq: Sequence) -> None:
@@ -136,11 +178,24 @@ class Scheduler:
         self.num_preemptions += 1
 
     def update(self, scheduled: list[ScheduledSequence]) -> None:
-        """Advance progress after the step ran and register the blocks it filled in the prefix cache."""
+        """Advance progress after the step ran and register the blocks it filled in the prefix cache.
+
+        Drafts do not count here: :meth:`accept_drafts` adds the ones that sampling confirmed.
+        """
         for item in scheduled:
             seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
+            seq.num_computed_tokens += item.num_new_tokens - len(item.draft_token_ids)
             # Only tokens whose KV is written count; a freshly sampled token is computed next step.
+            self.block_manager.cache_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+
+    def accept_drafts(self, seq: Sequence, num_accepted: int) -> None:
+        """Count a running sequence's first ``num_accepted`` drafts of this step as computed.
+
+        Their tokens must already be appended to the sequence. The KV written for rejected drafts
+        lies past the computed length, where attention never reads and the next steps overwrite it.
+        """
+        if num_accepted:
+            seq.num_computed_tokens += num_accepted
             self.block_manager.cache_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
 
     def finish(self, seq: Sequence) -> None:

@@ -143,6 +143,8 @@ class EngineStatsCollector(Collector):
             ("tokenwire_preemptions", "Sequences preempted to free KV blocks.", stats.num_preemptions),
             ("tokenwire_prompt_tokens", "Prompt tokens admitted.", stats.prompt_tokens_total),
             ("tokenwire_generation_tokens", "Tokens generated.", stats.generation_tokens_total),
+            ("tokenwire_spec_draft_tokens", "Draft tokens proposed by speculative decoding.", stats.draft_tokens_total),
+            ("tokenwire_spec_accepted_tokens", "Draft tokens the model confirmed.", stats.accepted_draft_tokens_total),
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)

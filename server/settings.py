@@ -34,6 +34,9 @@ class Settings:
         max_queued_requests: most requests waiting for admission; more are rejected (RESOURCE_EXHAUSTED).
         max_model_len: most tokens (prompt plus completion) per request; None: the model's limit.
         enable_prefix_caching: reuse KV blocks of identical prompt prefixes.
+        speculative_tokens: draft tokens per step for greedy requests (n-gram speculative
+            decoding, exact outputs); 0 is off.
+        speculative_max_batch: speculate only while at most this many sequences run.
         seed: seed of the random draws of requests that set no seed of their own.
         auth_token: bearer token required on every call except health and reflection.
         auth_token_file: file holding the bearer token (read at start; surrounding whitespace dropped).
@@ -66,6 +69,8 @@ class Settings:
     max_queued_requests: int = 1024
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
+    speculative_tokens: int = 0
+    speculative_max_batch: int = 4
     seed: int = 0
     auth_token: str | None = None
     auth_token_file: str | None = None
@@ -131,6 +136,8 @@ class Settings:
             max_queued_requests=self.max_queued_requests,
             max_model_len=self.max_model_len,
             enable_prefix_caching=self.enable_prefix_caching,
+            speculative_tokens=self.speculative_tokens,
+            speculative_max_batch=self.speculative_max_batch,
             seed=self.seed,
         )
 
@@ -281,6 +288,8 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("max_queued_requests", int, "most waiting requests before RESOURCE_EXHAUSTED", "N"),
     _Option("max_model_len", _parse_optional_int, "most tokens per request (prompt plus completion)", "N"),
     _Option("enable_prefix_caching", parse_bool, "reuse KV blocks of shared prompt prefixes", name="prefix_caching"),
+    _Option("speculative_tokens", int, "draft tokens per step for greedy requests (n-gram lookup; 0 is off)", "N"),
+    _Option("speculative_max_batch", int, "speculate only while at most N sequences run", "N"),
     _Option("seed", int, "seed for requests without their own", "N"),
     _Option("auth_token", _parse_optional_str, "require 'authorization: Bearer TOKEN' (prefer the file or env)", "TOKEN"),
     _Option("auth_token_file", _parse_optional_str, "file holding the bearer token", "PATH"),

@@ -24,6 +24,8 @@ REQUIRED = (
     "tokenwire_preemptions_total",
     "tokenwire_prompt_tokens_total",
     "tokenwire_generation_tokens_total",
+    "tokenwire_spec_draft_tokens_total",
+    "tokenwire_spec_accepted_tokens_total",
     "tokenwire_streams_open",
 )
 

@@ -1,0 +1,193 @@
+"""Speculative decoding: the n-gram proposer, how the scheduler fits drafts in, and exact greedy outputs on the real model."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenwire.engine import LLM, FinishReason, SamplingParams
+from tokenwire.engine.block_manager import BlockManager
+from tokenwire.engine.scheduler import Scheduler
+from tokenwire.engine.sequence import Sequence
+from tokenwire.engine.speculative import propose_ngram
+
+# ---- the proposer -----------------------------------------------------------------------------
+
+
+def test_proposes_what_followed_the_latest_longest_match() -> None:
+    #            0  1  2  3  4  5  6  7  8  9 10 11
+    tokens = [1, 2, 3, 9, 9, 5, 2, 3, 8, 7, 2, 3]
+    # Suffix [2, 3] occurs at 1-2 (then 9) and at 6-7 (then 8, 7): the latest wins.
+    assert propose_ngram(tokens, 3, max_ngram=2, min_ngram=1) == [8, 7, 2]
+    # A longer match beats a later shorter one: [5, 2, 3] at 0-2 (then 4, 4) over [2, 3] at 6-7.
+    tokens = [5, 2, 3, 4, 4, 1, 2, 3, 6, 6, 5, 2, 3]
+    assert propose_ngram(tokens, 2, max_ngram=3, min_ngram=1) == [4, 4]
+
+
+def test_draft_length_and_the_end_of_the_sequence() -> None:
+    tokens = [4, 5, 6, 4, 5]
+    assert propose_ngram(tokens, 10, max_ngram=2, min_ngram=2) == [6, 4, 5]  # all that follows
+    assert propose_ngram(tokens, 1, max_ngram=2, min_ngram=2) == [6]
+    assert propose_ngram(tokens, 0) == []
+
+
+def test_no_draft_without_a_long_enough_match() -> None:
+    assert propose_ngram([1, 2, 3, 4], 4) == []
+    assert propose_ngram([7], 4) == []
+    assert propose_ngram([], 4) == []
+    # Only the last token repeats: a 1-gram match, below min_ngram=2.
+    assert propose_ngram([1, 9, 2, 9], 4, max_ngram=3, min_ngram=2) == []
+    assert propose_ngram([1, 9, 2, 9], 4, max_ngram=3, min_ngram=1) == [2, 9]
+
+
+def test_runs_of_one_token_propose_more_of_it() -> None:
+    assert propose_ngram([3, 3, 3, 3, 3], 2, max_ngram=2, min_ngram=2) == [3]
+
+
+@pytest.mark.parametrize(("num", "lo", "hi"), [(-1, 1, 2), (2, 0, 2), (2, 3, 2)])
+def test_bad_arguments_are_rejected(num: int, lo: int, hi: int) -> None:
+    with pytest.raises(ValueError):
+        propose_ngram([1, 2, 1, 2], num, max_ngram=hi, min_ngram=lo)
+
+
+# ---- the scheduler ----------------------------------------------------------------------------
+
+
+def make_seq(rid: str, prompt: list[int], max_tokens: int = 100) -> Sequence:
+    return Sequence(rid, prompt, SamplingParams(), max_tokens=max_tokens, eos_token_ids=frozenset())
+
+
+def decoding(s: Scheduler, seq: Sequence, token: int = 7) -> None:
+    """Admit seq, run its prompt and append one sampled token, so that its next step is a decode."""
+    s.add(seq)
+    out = s.schedule()
+    s.update(out.scheduled)
+    seq.append_token(token)
+
+
+def test_drafts_join_a_decode_and_count_only_when_accepted() -> None:
+    s = Scheduler(BlockManager(16, 4), max_num_seqs=4, max_num_batched_tokens=64, drafter=lambda seq, n: [11, 12, 13][:n])
+    seq = make_seq("a", [1, 2, 3, 4, 5])
+    decoding(s, seq)
+    out = s.schedule()
+    (item,) = out.scheduled
+    assert item.draft_token_ids == (11, 12, 13)
+    assert item.num_new_tokens == 4 and item.samples and item.num_sampled_rows == 4
+    assert item.input_token_ids == [7, 11, 12, 13]
+    assert len(item.block_table) * 4 >= 6 + 3  # room for every draft's KV
+    s.update(out.scheduled)
+    assert seq.num_computed_tokens == 6  # the drafts are not computed tokens yet
+    seq.append_token(11)
+    seq.append_token(12)
+    seq.append_token(40)  # two drafts accepted, then the model's own token
+    s.accept_drafts(seq, 2)
+    assert seq.num_computed_tokens == 8 and seq.num_tokens == 9
+
+
+def test_drafts_fit_the_token_budget_and_max_tokens() -> None:
+    drafts = list(range(20, 30))
+    s = Scheduler(BlockManager(64, 4), max_num_seqs=4, max_num_batched_tokens=4, drafter=lambda seq, n: drafts[:n])
+    seq = make_seq("a", [1, 2, 3], max_tokens=100)
+    decoding(s, seq)
+    assert s.schedule().scheduled[0].draft_token_ids == (20, 21, 22)  # budget 4 = 1 + 3 drafts
+    s2 = Scheduler(BlockManager(64, 4), max_num_seqs=4, max_num_batched_tokens=64, drafter=lambda seq, n: drafts[:n])
+    short = make_seq("b", [1, 2, 3], max_tokens=3)
+    decoding(s2, short)
+    # One token out of 3: the next sampled token plus at most one draft fill max_tokens.
+    assert s2.schedule().scheduled[0].draft_token_ids == (20,)
+
+
+def test_drafts_are_dropped_rather_than_preempting() -> None:
+    # 3 blocks of 4: "a" holds 2 (6 tokens), "b" holds 1; a's 3 drafts would need a third block.
+    s = Scheduler(BlockManager(3, 4), max_num_seqs=4, max_num_batched_tokens=64, drafter=lambda seq, n: [9, 9, 9][:n])
+    a, b = make_seq("a", [1, 2, 3, 4, 5]), make_seq("b", [6, 7])
+    s.add(a)
+    s.add(b)
+    out = s.schedule()
+    s.update(out.scheduled)
+    a.append_token(8)
+    b.append_token(8)
+    out = s.schedule()
+    assert not out.preempted
+    assert {i.seq.request_id: i.draft_token_ids for i in out.scheduled} == {"a": (), "b": ()}
+
+
+# ---- the engine on the real model -------------------------------------------------------------
+
+# Prompts that quote themselves (where drafts get accepted) and ones that do not.
+PROMPTS: list[object] = [
+    "Repeat after me: the quick brown fox jumps over the lazy dog. the quick brown fox jumps over the lazy dog. the quick",
+    "The history of the city of Paris begins with a small settlement on an island in the Seine. " * 2 + "Summarize:",
+    [{"role": "user", "content": "Write a Python function that adds two numbers."}],
+    "Once upon a time",
+]
+
+
+@pytest.fixture(scope="module")
+def plain() -> LLM:
+    return LLM(dtype="float32", kv_cache_memory=1 << 27)
+
+
+@pytest.fixture(scope="module")
+def spec() -> LLM:
+    return LLM(dtype="float32", kv_cache_memory=1 << 27, speculative_tokens=5)
+
+
+def test_greedy_output_is_the_same_with_speculation(plain: LLM, spec: LLM) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=True, top_logprobs=2)
+    before = spec.stats()
+    want = [plain.generate([p], params)[0] for p in PROMPTS]
+    got = [spec.generate([p], params)[0] for p in PROMPTS]
+    for w, g in zip(want, got):
+        assert g.token_ids == w.token_ids
+        assert g.text == w.text
+        assert g.finish_reason is FinishReason.LENGTH
+        assert [lp.token_id for lp in g.logprobs] == g.token_ids
+        for a, b in zip(g.logprobs, w.logprobs):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+    after = spec.stats()
+    drafted = after.draft_tokens_total - before.draft_tokens_total
+    accepted = after.accepted_draft_tokens_total - before.accepted_draft_tokens_total
+    # Both paths ran: drafts the model took and drafts it refused.
+    assert 0 < accepted < drafted
+    assert after.kv_blocks_used == 0
+
+
+def test_stops_inside_accepted_drafts_end_the_text_where_they_should(plain: LLM, spec: LLM) -> None:
+    prompt = PROMPTS[0]
+    free = plain.generate([prompt], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))[0]
+    # A stop string taken from the middle of the greedy continuation, and max_tokens that ends
+    # the request in the middle of a run of accepted drafts.
+    stop = free.text[20:32]
+    for params in (
+        SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=[stop]),
+        SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=40, stop_token_ids=[free.token_ids[9]]),
+    ):
+        want = plain.generate([prompt], params)[0]
+        got = spec.generate([prompt], params)[0]
+        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+    assert spec.stats().kv_blocks_used == 0
+
+
+def test_batched_speculation_with_sampled_companions(plain: LLM, spec: LLM) -> None:
+    greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=32, ignore_eos=True)
+    penalised = SamplingParams(temperature=0.0, repetition_penalty=1.3, max_tokens=32, ignore_eos=True)
+    params = [greedy, seeded, penalised, greedy]
+    want = plain.generate(PROMPTS, params)
+    got = spec.generate(PROMPTS, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert spec.stats().kv_blocks_used == 0
+
+
+def test_prefix_cache_holds_only_accepted_tokens(spec: LLM) -> None:
+    # A second request whose prompt is the first one's prompt plus its output must hit the blocks
+    # the first one cached (through speculative steps) and continue exactly as the first did.
+    prompt = PROMPTS[0]
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    first = spec.generate([prompt], params)[0]
+    half = first.prompt_token_ids + first.token_ids[:32]
+    second = spec.generate([half], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))[0]
+    assert second.usage.cached_prompt_tokens >= 32
+    assert second.token_ids == first.token_ids[32:]
