@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,16 @@ class AttentionMetadata:
     block_size: int = 16
     prefill_batch: PrefillBatch | None = None
 
+    @cached_property
+    def decode_mask(self) -> torch.Tensor:
+        """[num_decode, 1, 1, max_blocks * block_size] bool, True where a decode's key exists.
+
+        Built on first use and shared by every layer of the step.
+        """
+        length = self.decode_block_tables.shape[1] * self.block_size
+        pos = torch.arange(length, device=self.decode_block_tables.device)
+        return (pos[None, :] < self.decode_context_lens[:, None])[:, None, None, :]
+
 
 def build_prefill_batch(chunks: list[PrefillChunk], tables: list[list[int]], device: torch.device) -> PrefillBatch:
     """Padded index tensors that let attention take every chunk of a step in one call.
@@ -127,10 +138,12 @@ def paged_attention(
     (grouped-query attention).
     """
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    nd = meta.num_decode_tokens
+    if nd == q.shape[0]:
+        return _decode_attention(q, k_cache, v_cache, meta, scale)  # a step of decodes only
     out = torch.empty_like(q)
     h_q, h_kv = q.shape[1], k.shape[1]
     gqa = h_q != h_kv
-    nd = meta.num_decode_tokens
     if nd:
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta, scale)
     if meta.prefill_batch is not None:
@@ -172,13 +185,11 @@ def _decode_attention(
     flat = bt.reshape(-1)
     ks = k_cache.index_select(0, flat).reshape(num_seqs, length, h_kv, d).transpose(1, 2).to(q.dtype)
     vs = v_cache.index_select(0, flat).reshape(num_seqs, length, h_kv, d).transpose(1, 2).to(q.dtype)
-    pos = torch.arange(length, device=q.device)
-    mask = (pos[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]  # [S, 1, 1, L]
     # NOTE: the query heads that share a KV head go in as that head's queries ([S, H_kv, G, D]),
     # rather than as G heads with the keys repeated (enable_gqa): the same result, and SDPA reads
     # each key once for G queries (17% faster for 64 sequences of 320 tokens on CPU).
     h_q = q.shape[1]
-    o = F.scaled_dot_product_attention(q.view(num_seqs, h_kv, h_q // h_kv, d), ks, vs, attn_mask=mask, scale=scale)
+    o = F.scaled_dot_product_attention(q.view(num_seqs, h_kv, h_q // h_kv, d), ks, vs, attn_mask=meta.decode_mask, scale=scale)
     return o.reshape(num_seqs, h_q, d)  # [S, H_q, D]
 
 
