@@ -28,6 +28,19 @@ _CORPUS = (
 ) * 8
 
 
+# Questions for --chat: answers that explain rather than quote.
+_QUESTIONS = (
+    "Why is the sky blue? Explain it to a ten-year-old.",
+    "Write a short poem about autumn leaves.",
+    "What are three good habits for writing maintainable code?",
+    "Describe how a bicycle works.",
+    "Give me a recipe idea for a quick vegetarian dinner.",
+    "What is the difference between weather and climate?",
+    "Explain what a hash table is and when to use one.",
+    "Tell me a story about a lighthouse keeper and a storm.",
+)
+
+
 @dataclass
 class Result:
     """One measured configuration."""
@@ -37,6 +50,8 @@ class Result:
     num_requests: int
     generated_tokens: int
     seconds: float
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -61,28 +76,50 @@ def add_shared_prefix(tokenizer: object, prompts: list[list[int]], length: int) 
     return [ids[:length] + p for p in prompts]
 
 
+def chat_prompts(tokenizer: object, n: int) -> list[list[int]]:
+    """n chat-templated questions that do not quote themselves (where n-gram drafts rarely match)."""
+    return [
+        tokenizer.encode_chat(  # type: ignore[attr-defined]
+            [{"role": "user", "content": _QUESTIONS[i % len(_QUESTIONS)]}], add_generation_prompt=True
+        )
+        for i in range(n)
+    ]
+
+
 def run_ours(llm: LLM, prompts: list[list[int]], gen: int, dtype: str) -> Result:
     params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True)
     # Warm-up on tokens unrelated to the prompts, so that nothing the timed run uses is cached.
     llm.generate([[100 + i for i in range(40)]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    before = llm.stats()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
     dt = time.perf_counter() - t0
-    return Result("tokenwire", dtype, len(prompts), sum(len(o.token_ids) for o in outs), dt)
+    after = llm.stats()
+    drafted = after.draft_tokens_total - before.draft_tokens_total
+    accepted = after.accepted_draft_tokens_total - before.accepted_draft_tokens_total
+    system = "tokenwire" if not llm.args.speculative_tokens else f"tokenwire+spec{llm.args.speculative_tokens}"
+    return Result(system, dtype, len(prompts), sum(len(o.token_ids) for o in outs), dt, drafted, accepted)
 
 
-def run_hf(model: object, prompts: list[list[int]], gen: int, dtype: str, pad_id: int) -> Result:
-    """transformers generate over one static batch (left-padded), greedy, exactly `gen` new tokens."""
+def run_hf(model: object, prompts: list[list[int]], gen: int, dtype: str, pad_id: int, lookup: int = 0) -> Result:
+    """transformers generate over one static batch (left-padded), greedy, exactly `gen` new tokens.
+
+    ``lookup`` > 0 turns on its prompt-lookup decoding (one sequence only), the counterpart of our
+    n-gram speculation.
+    """
     width = max(len(p) for p in prompts)
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    kwargs = dict(max_new_tokens=gen, min_new_tokens=gen, do_sample=False, pad_token_id=pad_id)
+    kwargs: dict[str, object] = dict(max_new_tokens=gen, min_new_tokens=gen, do_sample=False, pad_token_id=pad_id)
+    if lookup:
+        kwargs["prompt_lookup_num_tokens"] = lookup
     with torch.inference_mode():
         model.generate(input_ids[:2, -8:], attention_mask=mask[:2, -8:], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=pad_id)  # type: ignore[attr-defined]
         t0 = time.perf_counter()
         out = model.generate(input_ids, attention_mask=mask, **kwargs)  # type: ignore[attr-defined]
         dt = time.perf_counter() - t0
-    return Result("transformers", dtype, len(prompts), int((out.shape[1] - width) * len(prompts)), dt)
+    system = "transformers" if not lookup else f"transformers+lookup{lookup}"
+    return Result(system, dtype, len(prompts), int((out.shape[1] - width) * len(prompts)), dt)
 
 
 def load_hf(dtype: torch.dtype) -> object:
@@ -102,40 +139,63 @@ def main() -> int:
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--shared-prefix", type=int, default=0,
                         help="tokens of one preamble shared by every prompt (the RAG case; exercises the prefix cache)")
+    parser.add_argument("--chat", action="store_true",
+                        help="chat-templated questions instead of corpus slices (text that does not quote itself)")
+    parser.add_argument("--speculative-tokens", type=int, default=0,
+                        help="also run ours with n-gram speculative decoding (and, alone, transformers with prompt lookup)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
     results: list[Result] = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        llm = LLM(dtype=dtype_name, max_num_seqs=max(args.requests), max_num_batched_tokens=2048)
-        tok = llm.tokenizer
-        prompt_sets = {n: make_prompts(tok, n, args.prompt_min, args.prompt_max, seed=n) for n in args.requests}
-        alone = make_prompts(tok, 1, args.prompt_min, args.prompt_max, seed=1)
+        engine_kwargs = dict(dtype=dtype_name, max_num_seqs=max(args.requests), max_num_batched_tokens=2048)
+        llms = [LLM(**engine_kwargs)]  # type: ignore[arg-type]
+        if args.speculative_tokens:
+            llms.append(LLM(speculative_tokens=args.speculative_tokens, **engine_kwargs))  # type: ignore[arg-type]
+        tok = llms[0].tokenizer
+        if args.chat:
+            prompt_sets = {n: chat_prompts(tok, n) for n in args.requests}
+            alone = chat_prompts(tok, 1)
+        else:
+            prompt_sets = {n: make_prompts(tok, n, args.prompt_min, args.prompt_max, seed=n) for n in args.requests}
+            alone = make_prompts(tok, 1, args.prompt_min, args.prompt_max, seed=1)
         if args.shared_prefix:
             prompt_sets = {n: add_shared_prefix(tok, p, args.shared_prefix) for n, p in prompt_sets.items()}
             alone = add_shared_prefix(tok, alone, args.shared_prefix)
-        pad_id = (llm.loaded.eos_token_ids or [0])[0]
+        pad_id = (llms[0].loaded.eos_token_ids or [0])[0]
         hf = load_hf(dtype)
         # Alternate the systems so that drift in the machine's speed hits both alike.
         for n, prompts in [(1, alone)] + list(prompt_sets.items()):
-            results.append(run_ours(llm, prompts, args.gen, dtype_name))
+            for llm in llms:
+                # NOTE: past speculative_max_batch the engine does not speculate: that run would
+                # repeat the plain one.
+                if n <= llm.args.speculative_max_batch or not llm.args.speculative_tokens:
+                    results.append(run_ours(llm, prompts, args.gen, dtype_name))
             results.append(run_hf(hf, prompts, args.gen, dtype_name, pad_id))
-            print(f"  {dtype_name} n={n}: ours {results[-2].tokens_per_second:8.1f} tok/s, "
-                  f"transformers {results[-1].tokens_per_second:8.1f} tok/s", file=sys.stderr)
-        del llm, hf
+            if n == 1 and args.speculative_tokens:
+                results.append(run_hf(hf, prompts, args.gen, dtype_name, pad_id, lookup=args.speculative_tokens))
+            runs = ", ".join(f"{r.system} {r.tokens_per_second:.1f}" for r in results if r.num_requests == n and r.dtype == dtype_name)
+            print(f"  {dtype_name} n={n}: {runs} tok/s", file=sys.stderr)
+        del llms, hf
         gc.collect()
 
-    print(f"\n| requests | tokenwire best tok/s | transformers best tok/s | ratio |")
-    print("|---|---|---|---|")
+    print("\n| requests | system | best tok/s | transformers best tok/s | ratio |")
+    print("|---|---|---|---|---|")
     for n in [1] + list(args.requests):
-        ours = max((r for r in results if r.system == "tokenwire" and r.num_requests == n), key=lambda r: r.tokens_per_second)
         base = max((r for r in results if r.system == "transformers" and r.num_requests == n), key=lambda r: r.tokens_per_second)
-        print(f"| {n} | {ours.tokens_per_second:.1f} ({ours.dtype}) | {base.tokens_per_second:.1f} ({base.dtype}) "
-              f"| {ours.tokens_per_second / base.tokens_per_second:.2f}x |")
+        for system in dict.fromkeys(r.system for r in results if r.system != "transformers"):
+            runs = [r for r in results if r.system == system and r.num_requests == n]
+            if not runs:
+                continue
+            ours = max(runs, key=lambda r: r.tokens_per_second)
+            print(f"| {n} | {system} | {ours.tokens_per_second:.1f} ({ours.dtype}) | {base.tokens_per_second:.1f} ({base.dtype}) "
+                  f"| {ours.tokens_per_second / base.tokens_per_second:.2f}x |")
     print("\nall runs:")
     for r in results:
-        print(f"  {r.system:12s} {r.dtype:9s} n={r.num_requests:3d} {r.generated_tokens:6d} tokens {r.seconds:7.2f} s {r.tokens_per_second:8.1f} tok/s")
+        drafts = f"  drafts accepted {r.accepted_draft_tokens}/{r.draft_tokens}" if r.draft_tokens else ""
+        print(f"  {r.system:22s} {r.dtype:9s} n={r.num_requests:3d} {r.generated_tokens:6d} tokens {r.seconds:7.2f} s "
+              f"{r.tokens_per_second:8.1f} tok/s{drafts}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in results], indent=2))
     return 0
