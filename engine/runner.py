@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenwire.engine.attention import AttentionMetadata, PrefillChunk, build_prefill_batch
+from tokenwire.engine.attention import AttentionMetadata, PrefillChunk, build_prefill_batch, group_decodes
 from tokenwire.engine.models.base import EngineModel, KVCacheSpec
 from tokenwire.engine.scheduler import ScheduledSequence, SchedulerOutput
 
@@ -71,7 +71,10 @@ class ModelRunner:
         sampled: list[ScheduledSequence] = []
         prefills: list[PrefillChunk] = []
         prefill_tables: list[list[int]] = []
-        for item in out.scheduled:
+        # NOTE: decodes longest first, so that groups of similar lengths are runs of rows (see
+        # group_decodes); the flat batch's order is the runner's to choose.
+        decodes = sorted(out.decodes, key=lambda d: -d.seq.num_computed_tokens)
+        for item in decodes + out.prefills:
             seq, table = item.seq, item.block_table
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
             query_start = len(input_ids)
@@ -94,9 +97,11 @@ class ModelRunner:
                 sample_idx.extend(range(len(input_ids) - rows, len(input_ids)))
                 sampled.append(item)
         dev = self.device
-        decodes = out.decodes
+        groups: tuple[tuple[int, int], ...] = ()
         if decodes:
-            width = max((d.seq.num_computed_tokens + bs) // bs for d in decodes)
+            num_blocks = [(d.seq.num_computed_tokens + bs) // bs for d in decodes]
+            groups = group_decodes(num_blocks)
+            width = num_blocks[0]
             tables = [d.block_table[:width] + [0] * (width - min(len(d.block_table), width)) for d in decodes]
             decode_tables = torch.tensor(tables, dtype=torch.long, device=dev)
             decode_lens = torch.tensor([d.seq.num_computed_tokens + 1 for d in decodes], dtype=torch.long, device=dev)
@@ -111,6 +116,7 @@ class ModelRunner:
             prefills=prefills,
             block_size=bs,
             prefill_batch=build_prefill_batch(prefills, prefill_tables, dev) if self.batch_prefills and prefills else None,
+            decode_groups=groups,
         )
         hidden = self.model.forward_flat(
             torch.tensor(input_ids, dtype=torch.long, device=dev),

@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenwire.engine.attention import AttentionMetadata, PrefillChunk, build_prefill_batch, paged_attention
+from tokenwire.engine.attention import (
+    AttentionMetadata,
+    PrefillChunk,
+    build_prefill_batch,
+    group_decodes,
+    paged_attention,
+)
 
 H_Q, H_KV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 64
 
@@ -103,3 +109,51 @@ def test_keys_land_in_their_slots() -> None:
     torch.testing.assert_close(k_cache[0, 2], k[1])
     # Nothing else was written.
     assert int((k_cache != 0).any(dim=-1).any(dim=-1).sum()) == 2
+
+
+def test_group_decodes_splits_where_padding_would_dominate() -> None:
+    assert group_decodes([]) == ()
+    assert group_decodes([5]) == ((1, 5),)
+    assert group_decodes([10, 9, 7, 6]) == ((4, 10),)  # all within 60% of the longest
+    assert group_decodes([24, 20, 12, 11, 4, 3]) == ((2, 24), (4, 12), (6, 4))
+    # At most four groups: the last one takes the rest.
+    assert group_decodes([100, 50, 25, 12, 6, 3]) == ((1, 100), (2, 50), (3, 25), (6, 12))
+    with pytest.raises(ValueError, match="non-increasing"):
+        group_decodes([1, 2])
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["one-call", "grouped"])
+def test_decodes_of_very_different_lengths_equal_dense(grouped: bool) -> None:
+    gen = torch.Generator().manual_seed(3)
+    lengths = sorted([2, 3, 5, 9, 14, 22, 35, 60, 61, 90], reverse=True)
+    num_blocks = 128
+    ids = list(range(num_blocks))
+    random.Random(3).shuffle(ids)
+    tables = [[ids.pop() for _ in range((n + BS - 1) // BS)] for n in lengths]
+    k_cache = torch.zeros(num_blocks, BS, H_KV, D)
+    v_cache = torch.zeros(num_blocks, BS, H_KV, D)
+    qs = [torch.randn(n, H_Q, D, generator=gen) for n in lengths]
+    ks = [torch.randn(n, H_KV, D, generator=gen) for n in lengths]
+    vs = [torch.randn(n, H_KV, D, generator=gen) for n in lengths]
+    # Every position but the last is already in the pool; this step decodes the last one.
+    for table, n, k, v in zip(tables, lengths, ks, vs):
+        slots = torch.tensor([table[p // BS] * BS + p % BS for p in range(n - 1)], dtype=torch.long)
+        k_cache.view(-1, H_KV, D)[slots] = k[: n - 1]
+        v_cache.view(-1, H_KV, D)[slots] = v[: n - 1]
+    width = len(tables[0])
+    groups = group_decodes([len(t) for t in tables]) if grouped else ()
+    assert len(groups) > 1 or not grouped
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([t[(n - 1) // BS] * BS + (n - 1) % BS for t, n in zip(tables, lengths)]),
+        num_decode_tokens=len(lengths),
+        decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+        decode_context_lens=torch.tensor(lengths),
+        block_size=BS,
+        decode_groups=groups,
+    )
+    out = paged_attention(
+        torch.stack([q[-1] for q in qs]), torch.stack([k[-1] for k in ks]), torch.stack([v[-1] for v in vs]),
+        k_cache, v_cache, meta,
+    )
+    for row, (q, k, v) in enumerate(zip(qs, ks, vs)):
+        torch.testing.assert_close(out[row], dense(q, k, v)[-1], rtol=1e-5, atol=1e-5)
