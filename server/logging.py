@@ -74,15 +74,20 @@ class RequestLog:
         error_message: str | None = None,
         prompt: object = None,
         output: str | None = None,
+        completion_tokens: int | None = None,
     ) -> None:
-        """Log one finished request (prompt and output only when ``log_content`` is on)."""
+        """Log one finished request (prompt and output only when ``log_content`` is on).
+
+        ``completion_tokens`` is the count logged when there is no ``usage`` (a request cut off by
+        its client's disconnect: the tokens sent so far; its prompt size is then unknown, null).
+        """
         fields: dict[str, Any] = {
             "request_id": request_id,
             "stream_id": stream_id,
             "peer": peer,
             "finish_reason": finish_reason,
             "prompt_tokens": usage.prompt_tokens if usage is not None else None,
-            "completion_tokens": usage.completion_tokens if usage is not None else None,
+            "completion_tokens": usage.completion_tokens if usage is not None else completion_tokens,
             "cached_prompt_tokens": usage.cached_prompt_tokens if usage is not None else None,
             "ttft_s": None if ttft is None else round(ttft, 4),
             "duration_s": round(duration, 4),

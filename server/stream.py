@@ -57,6 +57,9 @@ class _Request:
     finished: bool = False
     prompt: object = None  # kept only when request content is logged
     output_text: list[str] | None = None
+    # Tokens handed to the writer so far: the log's count when the client leaves before the
+    # engine's final output (with its usage) arrives.
+    completion_tokens: int = 0
 
 
 class GenerateStream:
@@ -221,6 +224,7 @@ class GenerateStream:
             return  # NOTE: after the final message nothing more may go out for this request.
         if self._metrics is not None:
             self._metrics.observe_output(req.timings, out)
+        req.completion_tokens += len(out.token_ids)
         if req.output_text is not None:
             req.output_text.append(out.text)
         if req.pending is None:
@@ -271,6 +275,7 @@ class GenerateStream:
             peer=self._peer,
             finish_reason=reason,
             usage=final.usage,
+            completion_tokens=req.completion_tokens,
             ttft=req.timings.ttft,
             duration=req.timings.duration(),
             error_code=code,

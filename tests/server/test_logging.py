@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -87,3 +88,39 @@ def test_server_logs_prompt_and_output_with_the_flag(
     [line] = [e for e in json_lines(log_buffer) if e.get("request_id") == "c1"]
     assert line["prompt"] == "Knock knock."
     assert line["output"] == "".join(r.text for r in responses)
+
+
+def test_request_cut_off_without_usage_logs_the_tokens_sent(log_buffer: io.StringIO) -> None:
+    RequestLog().finished(
+        request_id="r2", stream_id="s-1", peer="p", finish_reason="cancelled", usage=None,
+        ttft=None, duration=0.1, completion_tokens=7,
+    )
+    [line] = json_lines(log_buffer)
+    assert (line["prompt_tokens"], line["completion_tokens"], line["cached_prompt_tokens"]) == (None, 7, None)
+
+
+@pytest.mark.slow
+def test_disconnect_logs_cancelled_with_the_tokens_the_client_got(
+    start_server: Callable[..., Any], log_buffer: io.StringIO
+) -> None:
+    running = start_server()
+    request = pb.GenerateRequest(
+        request_id="gone", text="Count to a thousand:", max_tokens=400, ignore_eos=True,
+        sampling=pb.SamplingParams(temperature=0),
+    )
+    received = 0
+    with grpc.insecure_channel(running.address) as channel:
+        call = pb_grpc.GenerationServiceStub(channel).Generate(iter([request]), timeout=60)
+        for response in call:
+            received += len(response.token_ids)
+            if received >= 3:
+                call.cancel()  # the client walks away mid-generation
+                break
+    for _ in range(100):
+        lines = [e for e in json_lines(log_buffer) if e.get("request_id") == "gone"]
+        if lines:
+            break
+        time.sleep(0.05)
+    [line] = lines
+    assert line["finish_reason"] == "cancelled"
+    assert received <= line["completion_tokens"] < 400
