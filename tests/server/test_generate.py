@@ -206,3 +206,38 @@ def test_backpressure_on_unsent_answers_loses_nothing(
     assert len(grouped) == 201
     assert all(m[-1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for rid, m in grouped.items() if rid != "ok")
     assert c.final_of(grouped["ok"]).finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_speculative_engine_streams_the_same_greedy_tokens(
+    start_server: Callable[..., Any], engine: Any, loop_thread: Any, conversation: Callable[..., Any]
+) -> None:
+    from tokenwire.engine.async_engine import AsyncEngine
+    from tokenwire.engine.config import EngineArgs
+
+    prompt = "Say it twice: red green blue yellow. red green blue yellow. red"
+    plain = conversation()
+    plain.send("p", text=prompt, max_tokens=24, ignore_eos=True, sampling=GREEDY)
+    plain.half_close()
+    want = [t for m in plain.read_all() for t in m.token_ids]
+
+    spec = AsyncEngine(
+        EngineArgs(kv_cache_memory=8 * 1024 * 1024, speculative_tokens=4), loaded=engine.core.loaded
+    )
+    loop_thread.run(spec.start())
+    running = None
+    try:
+        running = start_server(engine_override=spec)
+        with grpc.insecure_channel(running.address) as channel:
+            c = conversation(on=pb_grpc.GenerationServiceStub(channel))
+            c.send("s", text=prompt, max_tokens=24, ignore_eos=True, sampling=GREEDY)
+            c.half_close()
+            messages = c.read_all()
+        final = c.final_of(messages)
+        assert [t for m in messages for t in m.token_ids] == want
+        assert final.usage.completion_tokens == 24
+        stats = spec.stats()
+        assert stats.accepted_draft_tokens_total > 0  # the drafts were used, and the tokens are the same
+    finally:
+        if running is not None:
+            loop_thread.run(running.server.close())
+        loop_thread.run(spec.shutdown())

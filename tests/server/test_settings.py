@@ -40,6 +40,9 @@ def test_engine_args_follow_settings() -> None:
     s = settings_from(["--max-num-seqs", "4", "--dtype", "float32", "--max-model-len", "512", "--block-size", "32"])
     args = s.engine_args()
     assert (args.max_num_seqs, args.dtype, args.max_model_len, args.block_size) == (4, "float32", 512, 32)
+    assert args.speculative_tokens == 0  # off unless asked for
+    spec = settings_from(["--speculative-tokens", "5"], {"TOKENWIRE_SPECULATIVE_MAX_BATCH": "2"}).engine_args()
+    assert (spec.speculative_tokens, spec.speculative_max_batch) == (5, 2)
 
 
 @pytest.mark.parametrize(
@@ -55,6 +58,7 @@ def test_engine_args_follow_settings() -> None:
         (["--log-format", "xml"], {}, "log_format"),
         (["--grace-period", "-1"], {}, "grace_period"),
         (["--max-num-seqs", "0"], {}, "max_num_seqs"),  # checked by EngineArgs, named by it
+        (["--speculative-tokens", "-1"], {}, "speculative_tokens"),
         (["--dtype", "int3"], {}, "dtype"),
         (["--max-connection-age", "0"], {}, "max_connection_age"),
     ],
