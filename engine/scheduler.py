@@ -115,8 +115,13 @@ class Scheduler:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             drafts = self._drafts(seq, budget) if n == 1 else []
-            if drafts and not bm.allocate_slots(seq.request_id, seq.num_computed_tokens + 1 + len(drafts)):
-                drafts = []  # NOTE: guesses never cost a preemption.
+            if drafts:
+                # NOTE: guesses never cost a preemption: they take only blocks the pool can spare
+                # after keeping one free for every running sequence's own next token.
+                end = seq.num_computed_tokens + 1 + len(drafts)
+                spare = bm.num_free_blocks - len(self.running)
+                if bm.num_blocks_needed(seq.request_id, end) > spare or not bm.allocate_slots(seq.request_id, end):
+                    drafts = []
             n += len(drafts)
             while not bm.allocate_slots(seq.request_id, seq.num_computed_tokens + n):
                 victim = self.running.pop()

@@ -111,6 +111,22 @@ def test_drafts_are_dropped_rather_than_preempting() -> None:
     assert {i.seq.request_id: i.draft_token_ids for i in out.scheduled} == {"a": (), "b": ()}
 
 
+def test_drafts_leave_a_block_for_every_running_sequence() -> None:
+    # 4 blocks of 4; "a" and "b" hold one full block each and each needs a second one for its next
+    # token. a's 4 drafts would take both free blocks and force b out; they must be dropped.
+    s = Scheduler(BlockManager(4, 4), max_num_seqs=4, max_num_batched_tokens=64, drafter=lambda seq, n: [9] * min(n, 4))
+    a, b = make_seq("a", [1, 2, 3, 4]), make_seq("b", [5, 6, 7, 8])
+    s.add(a)
+    s.add(b)
+    out = s.schedule()
+    s.update(out.scheduled)
+    a.append_token(10)
+    b.append_token(10)
+    out = s.schedule()
+    assert not out.preempted and s.num_preemptions == 0
+    assert {i.seq.request_id: i.draft_token_ids for i in out.scheduled} == {"a": (), "b": ()}
+
+
 # ---- the engine on the real model -------------------------------------------------------------
 
 # Prompts that quote themselves (where drafts get accepted) and ones that do not.
