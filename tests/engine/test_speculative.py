@@ -96,26 +96,12 @@ def test_drafts_fit_the_token_budget_and_max_tokens() -> None:
     assert s2.schedule().scheduled[0].draft_token_ids == (20,)
 
 
-def test_drafts_are_dropped_rather_than_preempting() -> None:
-    # 3 blocks of 4: "a" holds 2 (6 tokens), "b" holds 1; a's 3 drafts would need a third block.
-    s = Scheduler(BlockManager(3, 4), max_num_seqs=4, max_num_batched_tokens=64, drafter=lambda seq, n: [9, 9, 9][:n])
-    a, b = make_seq("a", [1, 2, 3, 4, 5]), make_seq("b", [6, 7])
-    s.add(a)
-    s.add(b)
-    out = s.schedule()
-    s.update(out.scheduled)
-    a.append_token(8)
-    b.append_token(8)
-    out = s.schedule()
-    assert not out.preempted
-    assert {i.seq.request_id: i.draft_token_ids for i in out.scheduled} == {"a": (), "b": ()}
+def drafts_after_joint_prefill(num_blocks: int, a: Sequence, b: Sequence, drafts: list[int]) -> dict[str, tuple[int, ...]]:
+    """Prefill a and b together in a pool of ``num_blocks`` blocks of 4, then schedule their decodes.
 
-
-def test_drafts_leave_a_block_for_every_running_sequence() -> None:
-    # 4 blocks of 4; "a" and "b" hold one full block each and each needs a second one for its next
-    # token. a's 4 drafts would take both free blocks and force b out; they must be dropped.
-    s = Scheduler(BlockManager(4, 4), max_num_seqs=4, max_num_batched_tokens=64, drafter=lambda seq, n: [9] * min(n, 4))
-    a, b = make_seq("a", [1, 2, 3, 4]), make_seq("b", [5, 6, 7, 8])
+    Returns each one's drafts in that decode step, after checking that nothing was preempted.
+    """
+    s = Scheduler(BlockManager(num_blocks, 4), max_num_seqs=4, max_num_batched_tokens=64, drafter=lambda seq, n: drafts[:n])
     s.add(a)
     s.add(b)
     out = s.schedule()
@@ -124,7 +110,20 @@ def test_drafts_leave_a_block_for_every_running_sequence() -> None:
     b.append_token(10)
     out = s.schedule()
     assert not out.preempted and s.num_preemptions == 0
-    assert {i.seq.request_id: i.draft_token_ids for i in out.scheduled} == {"a": (), "b": ()}
+    return {i.seq.request_id: i.draft_token_ids for i in out.scheduled}
+
+
+def test_drafts_are_dropped_rather_than_preempting() -> None:
+    # 3 blocks: "a" holds 2 (6 tokens), "b" holds 1; a's 3 drafts would need a third block.
+    got = drafts_after_joint_prefill(3, make_seq("a", [1, 2, 3, 4, 5]), make_seq("b", [6, 7]), [9, 9, 9])
+    assert got == {"a": (), "b": ()}
+
+
+def test_drafts_leave_a_block_for_every_running_sequence() -> None:
+    # 4 blocks: "a" and "b" hold one full block each and each needs a second one for its next
+    # token. a's 4 drafts would take both free blocks and force b out; they must be dropped.
+    got = drafts_after_joint_prefill(4, make_seq("a", [1, 2, 3, 4]), make_seq("b", [5, 6, 7, 8]), [9] * 4)
+    assert got == {"a": (), "b": ()}
 
 
 # ---- the engine on the real model -------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -10,10 +11,31 @@ import pytest
 
 from tokenwire.client.v1 import generation_pb2 as pb
 from tokenwire.client.v1 import generation_pb2_grpc as pb_grpc
+from tokenwire.engine.config import EngineArgs
 
 pytestmark = pytest.mark.slow
 
 GREEDY = pb.SamplingParams(temperature=0.0)
+
+
+@contextmanager
+def serve_own_engine(
+    args: EngineArgs, start_server: Callable[..., Any], engine: Any, loop_thread: Any
+) -> Iterator[tuple[Any, grpc.Channel]]:
+    """A second engine on the shared engine's weights, behind its own server: (engine, channel)."""
+    from tokenwire.engine.async_engine import AsyncEngine
+
+    own = AsyncEngine(args, loaded=engine.core.loaded)
+    loop_thread.run(own.start())
+    running = None
+    try:
+        running = start_server(engine_override=own)
+        with grpc.insecure_channel(running.address) as channel:
+            yield own, channel
+    finally:
+        if running is not None:
+            loop_thread.run(running.server.close())
+        loop_thread.run(own.shutdown())
 
 
 def chat(*turns: tuple[str, str]) -> pb.Chat:
@@ -124,36 +146,23 @@ def test_per_request_errors_come_back_in_band(conversation: Callable[..., Any], 
 def test_queue_full_is_in_band_and_the_stream_goes_on(
     start_server: Callable[..., Any], engine: Any, loop_thread: Any, conversation: Callable[..., Any]
 ) -> None:
-    from tokenwire.engine.async_engine import AsyncEngine
-    from tokenwire.engine.config import EngineArgs
-
     # A second engine on the same weights, admitting one sequence with one waiting behind it.
-    small = AsyncEngine(
-        EngineArgs(kv_cache_memory=8 * 1024 * 1024, max_num_seqs=1, max_queued_requests=1), loaded=engine.core.loaded
-    )
-    loop_thread.run(small.start())
-    running = None
-    try:
-        running = start_server(engine_override=small)
-        with grpc.insecure_channel(running.address) as channel:
-            c = conversation(on=pb_grpc.GenerationServiceStub(channel))
-            for i in range(6):
-                c.send(f"q{i}", text="Hi", max_tokens=2, ignore_eos=True, sampling=GREEDY)
-            c.half_close()
-            c.read_all()
-            grouped = c.by_request()
-        assert set(grouped) == {f"q{i}" for i in range(6)}
-        finals = {rid: messages[-1] for rid, messages in grouped.items()}
-        full = [rid for rid, f in finals.items() if f.finish_reason == pb.FINISH_REASON_ERROR]
-        done = [rid for rid, f in finals.items() if f.finish_reason == pb.FINISH_REASON_LENGTH]
-        assert full and done and len(full) + len(done) == 6
-        for rid in full:
-            assert finals[rid].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-            assert "queue is full" in finals[rid].error.message
-    finally:
-        if running is not None:
-            loop_thread.run(running.server.close())
-        loop_thread.run(small.shutdown())
+    args = EngineArgs(kv_cache_memory=8 * 1024 * 1024, max_num_seqs=1, max_queued_requests=1)
+    with serve_own_engine(args, start_server, engine, loop_thread) as (_, channel):
+        c = conversation(on=pb_grpc.GenerationServiceStub(channel))
+        for i in range(6):
+            c.send(f"q{i}", text="Hi", max_tokens=2, ignore_eos=True, sampling=GREEDY)
+        c.half_close()
+        c.read_all()
+        grouped = c.by_request()
+    assert set(grouped) == {f"q{i}" for i in range(6)}
+    finals = {rid: messages[-1] for rid, messages in grouped.items()}
+    full = [rid for rid, f in finals.items() if f.finish_reason == pb.FINISH_REASON_ERROR]
+    done = [rid for rid, f in finals.items() if f.finish_reason == pb.FINISH_REASON_LENGTH]
+    assert full and done and len(full) + len(done) == 6
+    for rid in full:
+        assert finals[rid].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert "queue is full" in finals[rid].error.message
 
 
 def test_half_close_lets_open_requests_finish(conversation: Callable[..., Any]) -> None:
@@ -211,33 +220,20 @@ def test_backpressure_on_unsent_answers_loses_nothing(
 def test_speculative_engine_streams_the_same_greedy_tokens(
     start_server: Callable[..., Any], engine: Any, loop_thread: Any, conversation: Callable[..., Any]
 ) -> None:
-    from tokenwire.engine.async_engine import AsyncEngine
-    from tokenwire.engine.config import EngineArgs
-
     prompt = "Say it twice: red green blue yellow. red green blue yellow. red"
     plain = conversation()
     plain.send("p", text=prompt, max_tokens=24, ignore_eos=True, sampling=GREEDY)
     plain.half_close()
     want = [t for m in plain.read_all() for t in m.token_ids]
 
-    spec = AsyncEngine(
-        EngineArgs(kv_cache_memory=8 * 1024 * 1024, speculative_tokens=4), loaded=engine.core.loaded
-    )
-    loop_thread.run(spec.start())
-    running = None
-    try:
-        running = start_server(engine_override=spec)
-        with grpc.insecure_channel(running.address) as channel:
-            c = conversation(on=pb_grpc.GenerationServiceStub(channel))
-            c.send("s", text=prompt, max_tokens=24, ignore_eos=True, sampling=GREEDY)
-            c.half_close()
-            messages = c.read_all()
-        final = c.final_of(messages)
-        assert [t for m in messages for t in m.token_ids] == want
-        assert final.usage.completion_tokens == 24
-        stats = spec.stats()
-        assert stats.accepted_draft_tokens_total > 0  # the drafts were used, and the tokens are the same
-    finally:
-        if running is not None:
-            loop_thread.run(running.server.close())
-        loop_thread.run(spec.shutdown())
+    args = EngineArgs(kv_cache_memory=8 * 1024 * 1024, speculative_tokens=4)
+    with serve_own_engine(args, start_server, engine, loop_thread) as (spec, channel):
+        c = conversation(on=pb_grpc.GenerationServiceStub(channel))
+        c.send("s", text=prompt, max_tokens=24, ignore_eos=True, sampling=GREEDY)
+        c.half_close()
+        messages = c.read_all()
+        accepted = spec.stats().accepted_draft_tokens_total
+    final = c.final_of(messages)
+    assert [t for m in messages for t in m.token_ids] == want
+    assert final.usage.completion_tokens == 24
+    assert accepted > 0  # the drafts were used, and the tokens are the same
