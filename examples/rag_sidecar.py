@@ -3,6 +3,8 @@
 Start a server next to your service (loopback or a unix socket), then run:
 
     tokenwire serve --host 127.0.0.1 --port 50051          # or: --unix-socket /run/tokenwire.sock
+                                                           # --speculative-tokens 4: faster greedy
+                                                           # answers that quote their passages
     python examples/rag_sidecar.py "What does the KV cache hold?"
     python examples/rag_sidecar.py --target unix:/run/tokenwire.sock "How are requests batched?"
 """
