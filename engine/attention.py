@@ -99,7 +99,7 @@ def group_decodes(num_blocks: list[int]) -> tuple[tuple[int, int], ...]:
 
     One padded call over all decodes gathers and attends every sequence up to the longest
     one's length; with contexts from 32 to 384 tokens that is about twice the real keys. A few
-    groups, each padded only to its own longest member, cut that to about a third more at the
+    groups, each padded only to its own longest member, cut that to about a quarter more at the
     cost of one more call per group.
 
     Args:
