@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
+
 import pytest
 
 from tokenwire.engine import LLM, FinishReason, SamplingParams
@@ -206,3 +209,44 @@ def test_prefix_cache_holds_only_accepted_tokens(spec: LLM) -> None:
     second = spec.generate([half], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))[0]
     assert second.usage.cached_prompt_tokens >= 32
     assert second.token_ids == first.token_ids[32:]
+
+
+def test_preemption_and_aborts_with_speculation(plain: LLM) -> None:
+    """A pool too small for its sequences, drafts on every step, random aborts: the survivors'
+    outputs are the plain ones, every request ends exactly once, and every block comes back."""
+    from tokenwire.engine.core import EngineCore
+    from tokenwire.engine.request import GenerationRequest
+
+    bytes_per_block = 16 * plain.core.runner.model.kv_cache_spec.bytes_per_token(plain.loaded.dtype)  # type: ignore[attr-defined]
+    args = replace(plain.args, kv_cache_memory=8 * bytes_per_block, speculative_tokens=5, speculative_max_batch=8)
+    core = EngineCore(plain.loaded, args)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    prompts = [plain.tokenizer.encode(p if isinstance(p, str) else "Hello there, hello there, hello") for p in PROMPTS]
+    prompts += [prompts[0][5:], prompts[1][3:]]
+    want = {f"r{i}": c.token_ids for i, c in enumerate(plain.generate([list(p) for p in prompts], params))}
+    for i, p in enumerate(prompts):
+        core.add_request(GenerationRequest(f"r{i}", prompt_token_ids=list(p), params=params))
+    rng = random.Random(5)
+    tokens: dict[str, list[int]] = {rid: [] for rid in want}
+    finals: dict[str, FinishReason] = {}
+    while core.has_unfinished():
+        outs = core.step()
+        if rng.random() < 0.04 and core.requests:
+            aborted = core.abort(rng.choice(sorted(core.requests)))
+            assert aborted is not None
+            outs.append(aborted)
+        for out in outs:
+            tokens[out.request_id].extend(out.token_ids)
+            if out.finished:
+                assert out.request_id not in finals, "exactly one final output per request"
+                assert out.finish_reason is not None
+                finals[out.request_id] = out.finish_reason
+    assert sorted(finals) == sorted(want)
+    assert core.scheduler.num_preemptions > 0 and core.accepted_draft_tokens_total > 0
+    assert FinishReason.CANCELLED in finals.values() and FinishReason.LENGTH in finals.values()
+    for rid, reason in finals.items():
+        if reason is FinishReason.CANCELLED:
+            assert tokens[rid] == want[rid][: len(tokens[rid])]
+        else:
+            assert tokens[rid] == want[rid]
+    assert core.block_manager.num_used_blocks == 0
