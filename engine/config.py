@@ -28,8 +28,9 @@ class EngineArgs:
         max_model_len: most tokens (prompt plus completion) per request; None is the model's limit.
         enable_prefix_caching: reuse cached KV blocks of identical prompt prefixes.
         seed: seed of the random draws of requests that set no seed of their own.
-        speculative_tokens: draft tokens per step for greedy requests, looked up in the request's
-            own prompt and output (n-gram speculative decoding; outputs stay the greedy ones); 0 is off.
+        speculative_tokens: draft tokens per step, looked up in the request's own prompt and output
+            (n-gram speculative decoding; greedy outputs are unchanged, sampled ones keep their
+            distribution; requests with a seed or penalties do not speculate); 0 is off.
         speculative_max_batch: speculate only while at most this many sequences run (with more, a
             step is bound by compute rather than by reading weights, and drafts would slow it).
         prepack_weights: on CPU, pack the linear layers' weights once for oneDNN (faster matmuls

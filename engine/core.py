@@ -159,7 +159,9 @@ class EngineCore:
         if not result.sampled:
             return []
         states = [item.seq.sampling_state for item in result.sampled for _ in range(item.num_sampled_rows)]
-        sampled = self.sampler(result.logits, states)
+        # Row j of a drafted sequence verifies draft j; its last row has nothing to verify.
+        drafts = [d for item in result.sampled for d in (*item.draft_token_ids, None)]
+        sampled = self.sampler(result.logits, states, drafts if any(d is not None for d in drafts) else None)
         outputs = []
         row = 0
         for item in result.sampled:
@@ -220,13 +222,15 @@ class EngineCore:
     def _draft(self, seq: Sequence, max_tokens: int) -> list[int]:
         """Draft tokens for a decoding sequence, or [] where speculation would not pay or not be exact.
 
-        Only greedy requests without penalties or a min_tokens mask speculate: each of their rows
-        then takes the argmax of the raw logits, whatever came before it in the step.
+        Requests with penalties or an active min_tokens mask do not speculate: their rows' logits
+        would depend on the drafts before them. Seeded sampled requests do not either: whether a
+        step speculates depends on how many sequences run, and their tokens must depend on their
+        seed alone.
         """
         state = seq.sampling_state
         if len(self.scheduler.running) > self.args.speculative_max_batch:
             return []
-        if not state.greedy or state.uses_penalties or state.masked_token_ids():
+        if state.uses_penalties or state.masked_token_ids() or (not state.greedy and state.generator is not None):
             return []
         return propose_ngram(seq.token_ids, min(max_tokens, self.args.speculative_tokens))
 

@@ -183,29 +183,40 @@ class Sampler:
         else:
             self._generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, states: Sequence[SamplingState], drafts: Sequence[int | None] | None = None
+    ) -> SamplerOutput:
         """Sample one token per row.
 
         Args:
             logits: ``[S, V]`` float logits, one row per sequence that samples this step.
             states: the S sequences' sampling states, in row order.
+            drafts: per row, a draft token that the row verifies (speculative decoding), or None.
+                A sampled row keeps its draft with the draft's probability and otherwise draws
+                from its distribution without the draft, so its token has exactly the row's
+                distribution; a greedy row takes its argmax either way.
 
         Returns:
             The sampled tokens and, for rows that asked, their logprobs.
 
         Raises:
-            ValueError: logits is not 2-D floating point or its rows do not match ``states``.
+            ValueError: logits is not 2-D floating point, or its rows do not match ``states``
+                or ``drafts``.
         """
         _check_batch(logits, states)
+        if drafts is not None and len(drafts) != len(states):
+            raise ValueError(f"drafts has {len(drafts)} entries but states has {len(states)}")
         if all(s.greedy and not s.uses_penalties and not s.masked_token_ids() for s in states):
             # Fast path: nothing changes the argmax.
             token_ids = logits.argmax(dim=-1)  # [S]
         else:
-            token_ids = self._sample(process_logits(logits, states), states)
+            token_ids = self._sample(process_logits(logits, states), states, drafts)
         ids = token_ids.tolist()
         return SamplerOutput(token_ids=ids, logprobs=compute_logprobs(logits, states, token_ids))
 
-    def _sample(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+    def _sample(
+        self, logits: torch.Tensor, states: Sequence[SamplingState], drafts: Sequence[int | None] | None
+    ) -> torch.Tensor:
         # logits: [S, V] processed; returns token_ids: [S] int64
         greedy = [i for i, s in enumerate(states) if s.greedy]
         sampled = [i for i, s in enumerate(states) if not s.greedy]
@@ -214,8 +225,33 @@ class Sampler:
             token_ids[greedy] = _rows(logits, greedy).argmax(dim=-1)
         if sampled:
             uniforms = self._uniforms([states[i] for i in sampled], logits.device)  # [R] float64
-            token_ids[sampled] = inverse_cdf_draw(_rows(logits, sampled), uniforms)
+            rows = _rows(logits, sampled)
+            row_drafts = [(j, drafts[i]) for j, i in enumerate(sampled)] if drafts is not None else []
+            checked = [(j, d) for j, d in row_drafts if d is not None]
+            if checked:
+                rows = self._verify_drafts(rows, [j for j, _ in checked], [d for _, d in checked])
+            token_ids[sampled] = inverse_cdf_draw(rows, uniforms)
         return token_ids
+
+    def _verify_drafts(self, rows: torch.Tensor, checked: list[int], draft_ids: list[int]) -> torch.Tensor:
+        """Speculative sampling against a draft that is one known token (the proposal puts all its mass there).
+
+        Row j keeps draft d with probability p(d) (its logits become d alone) and otherwise loses d
+        (its logits there become -inf), so the draw that follows picks from p without d,
+        renormalised: p(d) + (1 - p(d)) * p(x) / (1 - p(d)) = p(x) for every token x.
+        Returns new logits; ``rows`` is not modified.
+        """
+        out = rows.clone()  # [R, V]
+        sub = out[checked]  # [C, V]
+        ids = torch.tensor(draft_ids, dtype=torch.int64, device=rows.device).unsqueeze(1)  # [C, 1]
+        p_draft = sub.softmax(dim=-1, dtype=torch.float64).gather(1, ids).squeeze(1)  # [C]
+        # NOTE: the acceptance draws come from the shared generator: only unseeded requests send
+        # drafts, so a seeded request's draws stay its own.
+        accept = _uniform(len(checked), self._generator, rows.device) < p_draft  # [C] bool
+        only_draft = torch.full_like(sub, float("-inf")).scatter_(1, ids, 0.0)
+        without_draft = sub.scatter(1, ids, float("-inf"))
+        out[checked] = torch.where(accept.unsqueeze(1), only_draft, without_draft)
+        return out
 
     def _uniforms(self, states: list[SamplingState], device: torch.device) -> torch.Tensor:
         # One U[0, 1) draw per row: a seeded row's from its own generator, the others' from the shared one.

@@ -34,8 +34,8 @@ class Settings:
         max_queued_requests: most requests waiting for admission; more are rejected (RESOURCE_EXHAUSTED).
         max_model_len: most tokens (prompt plus completion) per request; None: the model's limit.
         enable_prefix_caching: reuse KV blocks of identical prompt prefixes.
-        speculative_tokens: draft tokens per step for greedy requests (n-gram speculative
-            decoding, exact outputs); 0 is off.
+        speculative_tokens: draft tokens per step (n-gram speculative decoding; greedy outputs
+            unchanged, sampled ones keep their distribution); 0 is off.
         speculative_max_batch: speculate only while at most this many sequences run.
         seed: seed of the random draws of requests that set no seed of their own.
         auth_token: bearer token required on every call except health and reflection.
@@ -288,7 +288,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("max_queued_requests", int, "most waiting requests before RESOURCE_EXHAUSTED", "N"),
     _Option("max_model_len", _parse_optional_int, "most tokens per request (prompt plus completion)", "N"),
     _Option("enable_prefix_caching", parse_bool, "reuse KV blocks of shared prompt prefixes", name="prefix_caching"),
-    _Option("speculative_tokens", int, "draft tokens per step for greedy requests (n-gram lookup; 0 is off)", "N"),
+    _Option("speculative_tokens", int, "draft tokens per step (n-gram lookup; 0 is off)", "N"),
     _Option("speculative_max_batch", int, "speculate only while at most N sequences run", "N"),
     _Option("seed", int, "seed for requests without their own", "N"),
     _Option("auth_token", _parse_optional_str, "require 'authorization: Bearer TOKEN' (prefer the file or env)", "TOKEN"),

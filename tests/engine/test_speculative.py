@@ -6,9 +6,11 @@ import random
 from dataclasses import replace
 
 import pytest
+import torch
 
 from tokenwire.engine import LLM, FinishReason, SamplingParams
 from tokenwire.engine.block_manager import BlockManager
+from tokenwire.engine.sampler import Sampler, SamplingState
 from tokenwire.engine.scheduler import Scheduler
 from tokenwire.engine.sequence import Sequence
 from tokenwire.engine.speculative import propose_ngram
@@ -127,6 +129,32 @@ def test_drafts_leave_a_block_for_every_running_sequence() -> None:
     # token. a's 4 drafts would take both free blocks and force b out; they must be dropped.
     got = drafts_after_joint_prefill(4, make_seq("a", [1, 2, 3, 4]), make_seq("b", [5, 6, 7, 8]), [9] * 4)
     assert got == {"a": (), "b": ()}
+
+
+# ---- the sampler verifying drafts of sampled requests ---------------------------------------------
+
+P = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+
+
+def draw_many(params: SamplingParams, draft: int, n: int = 40_000) -> torch.Tensor:
+    """Frequencies of n draws from P's logits, each row verifying the same draft."""
+    states = [SamplingState(params, [1]) for _ in range(n)]
+    logits = P.log().expand(n, -1).clone()
+    out = Sampler(seed=0)(logits, states, [draft] * n)
+    return torch.bincount(torch.tensor(out.token_ids), minlength=len(P)) / n
+
+
+@pytest.mark.parametrize("draft", [0, 1, 4])
+def test_verifying_a_draft_keeps_the_rows_distribution(draft: int) -> None:
+    freq = draw_many(SamplingParams(temperature=1.0), draft)
+    # 40,000 draws: one standard deviation is at most 0.0025.
+    assert (freq - P).abs().max().item() < 0.01, freq
+
+
+def test_a_draft_outside_the_filtered_distribution_is_never_kept() -> None:
+    freq = draw_many(SamplingParams(temperature=1.0, top_k=2), draft=4)
+    assert freq[4] == 0 and freq[2:].sum() == 0
+    assert (freq[:2] - P[:2] / P[:2].sum()).abs().max().item() < 0.01, freq
 
 
 # ---- the engine on the real model -------------------------------------------------------------
@@ -250,3 +278,17 @@ def test_preemption_and_aborts_with_speculation(plain: LLM) -> None:
         else:
             assert tokens[rid] == want[rid]
     assert core.block_manager.num_used_blocks == 0
+
+
+def test_unseeded_sampled_requests_speculate_and_seeded_ones_do_not(spec: LLM) -> None:
+    prompt = PROMPTS[0]
+    before = spec.stats()
+    seeded = spec.generate([prompt] * 2, SamplingParams(temperature=0.5, seed=3, max_tokens=24, ignore_eos=True))
+    mid = spec.stats()
+    assert mid.draft_tokens_total == before.draft_tokens_total  # a seed's tokens depend on the seed alone
+    assert seeded[0].token_ids == seeded[1].token_ids
+    free = spec.generate([prompt], SamplingParams(temperature=0.3, max_tokens=48, ignore_eos=True))[0]
+    after = spec.stats()
+    assert len(free.token_ids) == 48 and free.finish_reason is FinishReason.LENGTH
+    assert after.accepted_draft_tokens_total > mid.accepted_draft_tokens_total
+    assert after.kv_blocks_used == 0
