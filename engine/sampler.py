@@ -238,8 +238,8 @@ class Sampler:
 
         Row j keeps draft d with probability p(d) (its logits become d alone) and otherwise loses d
         (its logits there become -inf), so the draw that follows picks from p without d,
-        renormalised: p(d) + (1 - p(d)) * p(x) / (1 - p(d)) = p(x) for every token x.
-        Returns new logits; ``rows`` is not modified.
+        renormalised. Token d thus comes out with probability p(d), and any other token x with
+        (1 - p(d)) * p(x) / (1 - p(d)) = p(x). Returns new logits; ``rows`` is not modified.
         """
         out = rows.clone()  # [R, V]
         sub = out[checked]  # [C, V]
