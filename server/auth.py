@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc import aio
+
+from tokenwire.server.refuse import refuse_request_stream
 
 # Methods anyone may call: probes must work without secrets, and the schema is public anyway.
 OPEN_METHOD_PREFIXES: tuple[str, ...] = (
@@ -95,10 +97,13 @@ def deny_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details:
     async def deny(_request: Any, context: aio.ServicerContext) -> None:
         await context.abort(code, details)
 
+    async def deny_stream(requests: AsyncIterator[Any], context: aio.ServicerContext) -> None:
+        await refuse_request_stream(requests, context, code, details)
+
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny)
+        return grpc.stream_stream_rpc_method_handler(deny_stream)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny)
+        return grpc.stream_unary_rpc_method_handler(deny_stream)
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(deny)
     return grpc.unary_unary_rpc_method_handler(deny)

@@ -22,6 +22,7 @@ from tokenwire.server.convert import (
 )
 from tokenwire.server.logging import RequestLog
 from tokenwire.server.metrics import ServerMetrics
+from tokenwire.server.refuse import refuse_request_stream
 from tokenwire.server.stream import GenerateStream
 
 if TYPE_CHECKING:
@@ -120,6 +121,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         context: aio.ServicerContext[pb.GenerateRequest, pb.GenerateResponse],
     ) -> None:
         """Serve one multiplexed stream of generation requests and cancels (see GenerateStream)."""
+        unready = self._unready_error()
+        if unready is not None:
+            await refuse_request_stream(request_iterator, context, status_code_for(unready), str(unready))
         engine = await self._ready_engine(context)
         stream_id = f"{self._stream_prefix}-{next(self._stream_numbers)}"
         stream = GenerateStream(engine, stream_id, context.peer(), self._metrics, self._request_log)
@@ -157,13 +161,20 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         engine = await self._ready_engine(context)
         return model_info_to_pb(engine.model_info)
 
-    async def _ready_engine(self, context: aio.ServicerContext) -> AsyncEngine:
+    def _unready_error(self) -> ServerUnavailableError | None:
+        """Why no call can be served now (draining, or the model still loading), or None."""
         if self._draining:
-            await _abort(context, ServerUnavailableError("the server is shutting down; retry on another replica"))
-        engine = self._engine
-        if engine is None:
-            await _abort(context, ServerUnavailableError("the model is still loading; retry shortly"))
-        return engine
+            return ServerUnavailableError("the server is shutting down; retry on another replica")
+        if self._engine is None:
+            return ServerUnavailableError("the model is still loading; retry shortly")
+        return None
+
+    async def _ready_engine(self, context: aio.ServicerContext) -> AsyncEngine:
+        unready = self._unready_error()
+        if unready is not None:
+            await _abort(context, unready)
+        assert self._engine is not None  # NOTE: for the type checker: _unready_error saw it set.
+        return self._engine
 
 
 async def _abort(context: aio.ServicerContext, error: EngineError) -> NoReturn:

@@ -60,6 +60,22 @@ def test_bearer_token_guards_the_service_but_not_health_or_reflection(start_serv
         assert "tokenwire.v1.GenerationService" in names
 
 
+def test_a_refused_stream_always_reports_its_status(start_server: Callable[..., Any]) -> None:
+    """The client SDK writes its request while the server refuses the stream; the status must win.
+
+    Refusing at once raced with that write: about one call in 30 ended INTERNAL instead of
+    UNAUTHENTICATED, so 60 calls caught it almost surely.
+    """
+    from tokenwire.client import Client
+    from tokenwire.client.errors import UnauthenticatedError
+
+    running = start_server(auth_token=TOKEN)
+    for _ in range(60):
+        with Client(running.address, token="wrong") as client:
+            with pytest.raises(UnauthenticatedError):
+                client.complete("Hi", max_tokens=2)
+
+
 def test_token_file(start_server: Callable[..., Any], tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(f"{TOKEN}\n")
