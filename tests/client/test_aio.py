@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -24,6 +25,9 @@ from tokenwire.client import (
     UnavailableError,
     UnknownError,
 )
+
+if TYPE_CHECKING:
+    from tests.client.conftest import ServerLog
 
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.02)
 
@@ -247,12 +251,18 @@ def test_complete_many_keeps_order_and_can_return_exceptions(scripted) -> None:
         assert mixed[0].text == "0 " and isinstance(mixed[1], InvalidArgumentError)  # type: ignore[union-attr]
         with pytest.raises(InvalidArgumentError):
             await client.complete_many(["error 3", "forever"])
+        # NOTE: "forever" may ride a second stream that is still connecting when the error
+        # arrives; its request and then its cancel are queued there, so wait (with the client
+        # open) for the server to see both.
+        def forever_cancelled(log: ServerLog) -> bool:
+            ids = [rid for rid, r in log.requests.items() if r.text == "forever"]
+            return len(ids) == 1 and log.finished.get(ids[0]) == "cancelled"
+
+        await scripted.async_wait(forever_cancelled)
         with pytest.raises(ValueError, match="concurrency"):
             await client.complete_many(["count 1"], concurrency=0)
 
     run(scripted.target, body)
-    (forever,) = [rid for rid, r in scripted.log.requests.items() if r.text == "forever"]
-    scripted.wait(lambda log: log.finished.get(forever) == "cancelled")
 
 
 def test_bearer_token_is_sent_on_streams_and_unary_calls(scripted) -> None:
