@@ -8,6 +8,8 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from tokenwire.engine.native import DecodeKernel
+
 
 @dataclass(frozen=True)
 class PrefillChunk:
@@ -66,6 +68,8 @@ class AttentionMetadata:
         decode_groups: ``(end_row, num_blocks)`` per group of decodes: rows up to ``end_row`` (from
             the previous group's end) attend over the first ``num_blocks`` columns of their tables.
             Empty: one group of every decode over the whole width. See ``group_decodes``.
+        decode_kernel: when set, decodes attend through it, reading keys and values in place
+            (``native.paged_decode_attention``); groups and the mask are then unused.
     """
 
     slot_mapping: torch.Tensor
@@ -76,6 +80,7 @@ class AttentionMetadata:
     block_size: int = 16
     prefill_batch: PrefillBatch | None = None
     decode_groups: tuple[tuple[int, int], ...] = ()
+    decode_kernel: DecodeKernel | None = None
 
     @cached_property
     def decode_mask(self) -> torch.Tensor:
@@ -216,6 +221,11 @@ def _decode_attention(
     scale: float | None,
 ) -> torch.Tensor:
     """One query per sequence; one batched SDPA call per group of decodes (no loop over sequences)."""
+    if meta.decode_kernel is not None:
+        d = q.shape[-1]
+        return meta.decode_kernel(
+            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, d**-0.5 if scale is None else scale
+        )
     groups = meta.decode_groups or ((q.shape[0], meta.decode_block_tables.shape[1]),)
     if len(groups) == 1:
         return _decode_group(q, k_cache, v_cache, meta, 0, *groups[0], scale)

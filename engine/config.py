@@ -35,6 +35,8 @@ class EngineArgs:
             step is bound by compute rather than by reading weights, and drafts would slow it).
         prepack_weights: on CPU, pack the linear layers' weights once for oneDNN (faster matmuls
             than torch's default BLAS; results equal up to float rounding). False keeps ``F.linear``.
+        native_kernels: on CPU, decode attention runs in a C++ kernel built on first use with the
+            system compiler (``native.py``); without a compiler, or with False, it runs in torch.
     """
 
     model: str | None = None
@@ -51,6 +53,7 @@ class EngineArgs:
     speculative_tokens: int = 0
     speculative_max_batch: int = 4
     prepack_weights: bool = True
+    native_kernels: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -49,7 +49,9 @@ class EngineCore:
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         drafter = self._draft if args.speculative_tokens else None
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, drafter)
-        self.runner = ModelRunner(model, num_blocks, args.block_size, loaded.dtype, loaded.device)
+        self.runner = ModelRunner(
+            model, num_blocks, args.block_size, loaded.dtype, loaded.device, native_kernels=args.native_kernels
+        )
         self.sampler = Sampler(seed=args.seed, device=loaded.device)
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
         self.requests: dict[str, Sequence] = {}

@@ -37,6 +37,8 @@ class Settings:
         speculative_tokens: draft tokens per step (n-gram speculative decoding; greedy outputs
             unchanged, sampled ones keep their distribution); 0 is off.
         speculative_max_batch: speculate only while at most this many sequences run.
+        native_kernels: on CPU, attend decodes through the C++ kernel built at start-up (falls
+            back to torch, with a warning, where no compiler is found).
         seed: seed of the random draws of requests that set no seed of their own.
         auth_token: bearer token required on every call except health and reflection.
         auth_token_file: file holding the bearer token (read at start; surrounding whitespace dropped).
@@ -71,6 +73,7 @@ class Settings:
     enable_prefix_caching: bool = True
     speculative_tokens: int = 0
     speculative_max_batch: int = 4
+    native_kernels: bool = True
     seed: int = 0
     auth_token: str | None = None
     auth_token_file: str | None = None
@@ -138,6 +141,7 @@ class Settings:
             enable_prefix_caching=self.enable_prefix_caching,
             speculative_tokens=self.speculative_tokens,
             speculative_max_batch=self.speculative_max_batch,
+            native_kernels=self.native_kernels,
             seed=self.seed,
         )
 
@@ -290,6 +294,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("enable_prefix_caching", parse_bool, "reuse KV blocks of shared prompt prefixes", name="prefix_caching"),
     _Option("speculative_tokens", int, "draft tokens per step (n-gram lookup; 0 is off)", "N"),
     _Option("speculative_max_batch", int, "speculate only while at most N sequences run", "N"),
+    _Option("native_kernels", parse_bool, "on CPU, decode attention in the C++ kernel (else torch)"),
     _Option("seed", int, "seed for requests without their own", "N"),
     _Option("auth_token", _parse_optional_str, "require 'authorization: Bearer TOKEN' (prefer the file or env)", "TOKEN"),
     _Option("auth_token_file", _parse_optional_str, "file holding the bearer token", "PATH"),

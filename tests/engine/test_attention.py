@@ -15,8 +15,19 @@ from tokenwire.engine.attention import (
     group_decodes,
     paged_attention,
 )
+from tokenwire.engine.native import DecodeKernel, decode_kernel
 
 H_Q, H_KV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 64
+
+
+def kernel_for(name: str) -> DecodeKernel | None:
+    """None for the torch decode path; the native kernel for "native" (skipped where it cannot be built)."""
+    if name == "torch":
+        return None
+    kernel = decode_kernel(torch.device("cpu"), torch.float32)
+    if kernel is None:
+        pytest.skip("the native kernel could not be built here (see test_native.py)")
+    return kernel
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -28,9 +39,10 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return o.transpose(0, 1)
 
 
+@pytest.mark.parametrize("decodes", ["torch", "native"])
 @pytest.mark.parametrize("batched", [False, True], ids=["chunk-loop", "batched-prefill"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_paged_equals_dense_over_a_mixed_multi_step_schedule(seed: int, batched: bool) -> None:
+def test_paged_equals_dense_over_a_mixed_multi_step_schedule(seed: int, batched: bool, decodes: str) -> None:
     """Three sequences run through several steps of chunks and decodes; every output matches dense.
 
     Both prefill paths: one attention call per chunk (CPU), and all chunks padded into one (CUDA).
@@ -81,6 +93,7 @@ def test_paged_equals_dense_over_a_mixed_multi_step_schedule(seed: int, batched:
             prefills=prefills,
             block_size=BS,
             prefill_batch=build_prefill_batch(prefills, prefill_tables, torch.device("cpu")) if batched and prefills else None,
+            decode_kernel=kernel_for(decodes),
         )
         out = paged_attention(q, k, v, k_cache, v_cache, meta)
         start = 0
@@ -122,8 +135,8 @@ def test_group_decodes_splits_where_padding_would_dominate() -> None:
         group_decodes([1, 2])
 
 
-@pytest.mark.parametrize("grouped", [False, True], ids=["one-call", "grouped"])
-def test_decodes_of_very_different_lengths_equal_dense(grouped: bool) -> None:
+@pytest.mark.parametrize("grouped", [False, True, "native"], ids=["one-call", "grouped", "native"])
+def test_decodes_of_very_different_lengths_equal_dense(grouped: bool | str) -> None:
     gen = torch.Generator().manual_seed(3)
     lengths = sorted([2, 3, 5, 9, 14, 22, 35, 60, 61, 90], reverse=True)
     num_blocks = 128
@@ -141,8 +154,8 @@ def test_decodes_of_very_different_lengths_equal_dense(grouped: bool) -> None:
         k_cache.view(-1, H_KV, D)[slots] = k[: n - 1]
         v_cache.view(-1, H_KV, D)[slots] = v[: n - 1]
     width = len(tables[0])
-    groups = group_decodes([len(t) for t in tables]) if grouped else ()
-    assert len(groups) > 1 or not grouped
+    groups = group_decodes([len(t) for t in tables]) if grouped is True else ()
+    assert len(groups) > 1 or grouped is not True
     meta = AttentionMetadata(
         slot_mapping=torch.tensor([t[(n - 1) // BS] * BS + (n - 1) % BS for t, n in zip(tables, lengths)]),
         num_decode_tokens=len(lengths),
@@ -150,6 +163,7 @@ def test_decodes_of_very_different_lengths_equal_dense(grouped: bool) -> None:
         decode_context_lens=torch.tensor(lengths),
         block_size=BS,
         decode_groups=groups,
+        decode_kernel=kernel_for("native" if grouped == "native" else "torch"),
     )
     out = paged_attention(
         torch.stack([q[-1] for q in qs]), torch.stack([k[-1] for k in ks]), torch.stack([v[-1] for v in vs]),

@@ -1,0 +1,134 @@
+"""The native CPU decode-attention kernel: its build, its agreement with SDPA, and the inputs it refuses."""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenwire.engine import LLM, SamplingParams, native
+
+HAS_COMPILER = native._compiler() is not None
+
+
+@pytest.fixture(scope="module")
+def kernel() -> native.DecodeKernel:
+    found = native.decode_kernel(torch.device("cpu"), torch.float32)
+    if found is None:
+        pytest.skip("no C++ compiler here")
+    return found
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler here")
+def test_the_kernel_builds_and_loads_where_a_compiler_exists() -> None:
+    # NOTE: the engine falls back to torch quietly apart from one warning; this is the check that
+    # the build itself works on a machine set up as the README says.
+    assert native.decode_kernel(torch.device("cpu"), torch.float32) is native.paged_decode_attention
+    assert native.decode_kernel(torch.device("cpu"), torch.bfloat16) is native.paged_decode_attention
+    assert native.decode_kernel(torch.device("cpu"), torch.float16) is None
+    assert native.decode_kernel(torch.device("meta"), torch.float32) is None
+
+
+def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: list[list[int]], lens: list[int], scale: float) -> torch.Tensor:
+    """Each sequence's keys gathered densely and attended by SDPA in float32."""
+    h_kv, d = k_cache.shape[-2:]
+    rows = []
+    for s, (table, n) in enumerate(zip(tables, lens)):
+        k = k_cache[table].reshape(-1, h_kv, d)[:n].float().transpose(0, 1)
+        v = v_cache[table].reshape(-1, h_kv, d)[:n].float().transpose(0, 1)
+        rows.append(F.scaled_dot_product_attention(q[s, :, None].float(), k, v, scale=scale, enable_gqa=True)[:, 0])
+    return torch.stack(rows)
+
+
+def random_case(seed: int, h_q: int, h_kv: int, d: int, block_size: int, dtype: torch.dtype, num_seqs: int = 12):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    lens = sorted((rng.randint(1, 300) for _ in range(num_seqs)), reverse=True)
+    needed = [(n + block_size - 1) // block_size for n in lens]
+    ids = list(range(sum(needed) + 5))
+    rng.shuffle(ids)
+    tables = [[ids.pop() for _ in range(b)] for b in needed]
+    num_blocks = len(ids) + sum(needed)
+    k_cache = torch.randn(num_blocks, block_size, h_kv, d, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, h_kv, d, generator=gen).to(dtype)
+    # A slice of a wider tensor: the kernel must not assume q is contiguous.
+    q = torch.randn(num_seqs, h_q, 2 * d, generator=gen).to(dtype)[..., :d]
+    width = needed[0] + 2  # padded wider than the longest, as the runner may
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    return q, k_cache, v_cache, tables, padded, lens
+
+
+@pytest.mark.parametrize(
+    ("h_q", "h_kv", "d", "block_size"),
+    [(9, 3, 64, 16), (4, 4, 32, 4), (8, 1, 16, 1), (6, 2, 80, 32)],
+    ids=["gqa3-d64", "mha", "mqa-bs1", "d80"],
+)
+def test_float32_matches_sdpa(kernel: native.DecodeKernel, h_q: int, h_kv: int, d: int, block_size: int) -> None:
+    q, kc, vc, tables, padded, lens = random_case(h_q * d + block_size, h_q, h_kv, d, block_size, torch.float32)
+    scale = d**-0.5
+    out = kernel(q, kc, vc, padded, torch.tensor(lens), scale)
+    torch.testing.assert_close(out, reference(q, kc, vc, tables, lens, scale), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_matches_sdpa_to_bfloat16_precision(kernel: native.DecodeKernel) -> None:
+    q, kc, vc, tables, padded, lens = random_case(7, 9, 3, 64, 16, torch.bfloat16)
+    out = kernel(q, kc, vc, padded, torch.tensor(lens), 0.125)
+    assert out.dtype == torch.bfloat16
+    # The kernel computes in float32 and rounds once, so it is as close as the output's own rounding.
+    torch.testing.assert_close(out.float(), reference(q, kc, vc, tables, lens, 0.125), rtol=0, atol=2**-7)
+
+
+def test_out_of_range_tables_and_lengths_are_refused_before_any_read(kernel: native.DecodeKernel) -> None:
+    q, kc, vc, _, padded, lens = random_case(3, 4, 2, 16, 4, torch.float32, num_seqs=3)
+    too_long = torch.tensor(lens)
+    too_long[0] = padded.shape[1] * 4 + 1
+    with pytest.raises(ValueError, match="context length exceeds"):
+        kernel(q, kc, vc, padded, too_long, 0.25)
+    with pytest.raises(ValueError, match="context length exceeds"):
+        kernel(q, kc, vc, padded, torch.tensor([0] + lens[1:]), 0.25)
+    outside = padded.clone()
+    outside[1, 0] = kc.shape[0]
+    with pytest.raises(ValueError, match="outside the pool"):
+        kernel(q, kc, vc, outside, torch.tensor(lens), 0.25)
+    with pytest.raises(ValueError, match="dtypes"):
+        kernel(q.double(), kc, vc, padded, torch.tensor(lens), 0.25)
+    with pytest.raises(ValueError, match="int64"):
+        kernel(q, kc, vc, padded.int(), torch.tensor(lens), 0.25)
+
+
+def test_a_build_is_reused_and_kept_where_told(tmp_path, monkeypatch) -> None:
+    if not HAS_COMPILER:
+        pytest.skip("no C++ compiler here")
+    monkeypatch.setenv("TOKENWIRE_KERNEL_DIR", str(tmp_path / "kernels"))
+    path = native.build()
+    assert path.parent == tmp_path / "kernels" and path.suffix == ".so"
+    stamp = path.stat().st_mtime_ns
+    assert native.build() == path and path.stat().st_mtime_ns == stamp  # not compiled again
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_a_failing_or_missing_compiler_is_reported(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TOKENWIRE_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", shutil.which("false") or "false")
+    with pytest.raises(RuntimeError, match="failed"):
+        native.build()
+    assert not any(tmp_path.iterdir())
+    monkeypatch.delenv("CXX")
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        native.build()
+
+
+@pytest.mark.slow
+def test_the_engine_gives_the_same_tokens_with_and_without_the_kernel(kernel: native.DecodeKernel) -> None:
+    prompts = ["The capital of France is", "def add(a, b):", "Once upon a time", "1, 2, 3, 4,"]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    runs = []
+    for native_kernels in (True, False):
+        llm = LLM(dtype="float32", kv_cache_memory=1 << 26, native_kernels=native_kernels)
+        assert (llm.core.runner.decode_kernel is not None) == native_kernels
+        runs.append([o.token_ids for o in llm.generate(prompts, params)])
+    assert runs[0] == runs[1]
