@@ -35,8 +35,9 @@ class EngineArgs:
             step is bound by compute rather than by reading weights, and drafts would slow it).
         prepack_weights: on CPU, pack the linear layers' weights once for oneDNN (faster matmuls
             than torch's default BLAS; results equal up to float rounding). False keeps ``F.linear``.
-        native_kernels: on CPU, decode attention runs in a C++ kernel built on first use with the
-            system compiler (``native.py``); without a compiler, or with False, it runs in torch.
+        native_kernels: on CPU, decode attention, RMSNorm, RoPE and SiLU-and-multiply run in C++
+            kernels built on first use with the system compiler (``native.py``); without a
+            compiler, or with False, they run in torch.
     """
 
     model: str | None = None

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from tokenwire.engine import native
 from tokenwire.engine.block_manager import BlockManager
 from tokenwire.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_CUDA_KV_CACHE_FRACTION, EngineArgs
 from tokenwire.engine.detokenizer import IncrementalDetokenizer
 from tokenwire.engine.errors import DuplicateRequestError, InvalidRequestError, PromptTooLongError, QueueFullError
 from tokenwire.engine.info import EngineStats, ModelInfo
 from tokenwire.engine.loader import LoadedModel
+from tokenwire.engine.models.layers import enable_native_ops
 from tokenwire.engine.models.packed_linear import can_prepack, prepack_linears
 from tokenwire.engine.outputs import FinishReason, RequestOutput, TokenLogprob
 from tokenwire.engine.request import GenerationRequest
@@ -35,6 +37,8 @@ class EngineCore:
         if args.prepack_weights and can_prepack(loaded.dtype, loaded.device):
             # NOTE: in place: the engine owns the loaded model from here on.
             prepack_linears(model)
+        if args.native_kernels and native.available(loaded.device, loaded.dtype):
+            enable_native_ops(model)
         spec = model.kv_cache_spec
         num_blocks = num_blocks_for_budget(spec, loaded.dtype, args.block_size, self._kv_budget_bytes())
         if num_blocks < 2:

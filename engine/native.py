@@ -19,8 +19,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("csrc") / "decode_attention.cpp"
-_ABI_VERSION = 2
+_SOURCE_DIR = Path(__file__).with_name("csrc")
+_ABI_VERSION = 3
 # Element-type codes of the C entry point.
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _BUILD_TIMEOUT_S = 300
@@ -69,13 +69,19 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+def _sources() -> list[Path]:
+    return sorted(_SOURCE_DIR.glob("*.cpp"))
+
+
 def _library_path(compiler: str, flags: list[str]) -> Path:
-    # NOTE: the name changes with the source, the flags, the compiler and the Python ABI, so a
+    # NOTE: the name changes with the sources, the flags, the compiler and the Python ABI, so a
     # stale build is never loaded.
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(flags).encode(), compiler.encode(), sys.implementation.cache_tag.encode()):
-        key.update(part)
-    return kernel_dir() / f"decode_attention-{key.hexdigest()[:16]}.so"
+    for path in sorted(_SOURCE_DIR.glob("*.[ch]*")):
+        key.update(path.name.encode() + path.read_bytes())
+    for part in (" ".join(flags), compiler, sys.implementation.cache_tag):
+        key.update(part.encode())
+    return kernel_dir() / f"tokenwire_cpu-{key.hexdigest()[:16]}.so"
 
 
 def build() -> Path:
@@ -98,7 +104,7 @@ def build() -> Path:
     os.close(fd)
     try:
         proc = subprocess.run(
-            [compiler, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S
+            [compiler, *flags, *map(str, _sources()), "-o", tmp], capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S
         )
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -123,12 +129,31 @@ def _library() -> ctypes.CDLL | None:
         except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
             logger.warning("native CPU kernels unavailable, using the torch implementation: %s", exc)
             return None
-        fn = lib.tw_paged_decode_attention
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [ctypes.c_int, p, p, p, i64, p, i64, i64, p, p, i64, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
-        fn.restype = ctypes.c_int
+        p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+        signatures = {
+            "tw_paged_decode_attention": [i32, p, p, p, i64, p, i64, i64, p, p, i64, i64, i64, i64, i64, f32, i32],
+            "tw_rms_norm": [i32, p, i64, p, p, i64, i64, i64, f32, i32],
+            "tw_rotary": [i32, p, i64, i64, i64, i64, p, p, i32],
+            "tw_silu_and_mul": [i32, p, i64, p, i64, i64, i32],
+        }
+        for name, argtypes in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, i32
         _loaded = lib
         return lib
+
+
+def _loaded_library() -> ctypes.CDLL:
+    # NOTE: a plain read on the hot path; ``_library()`` (which takes the lock) has run by the
+    # time a model is switched to native ops.
+    if _loaded is None:
+        raise RuntimeError("native CPU kernels are not available (check available() first)")
+    return _loaded
+
+
+# NOTE: the wrappers below run several times per layer per step, where a decode token's arithmetic
+# takes microseconds: they check what the C code needs to stay in bounds with plain attribute
+# reads, and make no tensor they can avoid.
 
 
 def paged_decode_attention(
@@ -148,37 +173,108 @@ def paged_decode_attention(
         RuntimeError: the library is not loaded (check ``decode_kernel()`` first).
         ValueError: a tensor that the kernel cannot read as it is.
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("native CPU kernels are not available")
-    if any(t.device.type != "cpu" for t in (q, k_cache, v_cache, block_tables, context_lens)):
-        raise ValueError("every tensor must be on the CPU")
-    if k_cache.shape != v_cache.shape or q.dim() != 3 or k_cache.dim() != 4:
-        raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
-    if q.dtype not in _DTYPE_CODES or not (q.dtype == k_cache.dtype == v_cache.dtype):
+    lib = _loaded_library()
+    code = _DTYPE_CODES.get(q.dtype)
+    if code is None or not q.dtype == k_cache.dtype == v_cache.dtype:
         raise ValueError(f"dtypes {q.dtype}, {k_cache.dtype}, {v_cache.dtype}: need one of float32, bfloat16")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("the KV caches must be contiguous")
-    if block_tables.dtype != torch.int64 or context_lens.dtype != torch.int64:
+    if not (q.is_cpu and k_cache.is_cpu and v_cache.is_cpu and block_tables.is_cpu and context_lens.is_cpu):
+        raise ValueError("every tensor must be on the CPU")
+    if not block_tables.dtype == context_lens.dtype == torch.int64:
         raise ValueError("block_tables and context_lens must be int64")
+    if not (
+        q.dim() == 3
+        and k_cache.dim() == 4
+        and k_cache.shape == v_cache.shape
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and q.shape[2] == k_cache.shape[3]
+        and q.shape[1] % k_cache.shape[2] == 0
+        and block_tables.dim() == 2
+        and context_lens.shape == (q.shape[0],) == block_tables.shape[:1]
+    ):
+        raise ValueError(
+            f"shapes q {tuple(q.shape)}, caches {tuple(k_cache.shape)} (contiguous), "
+            f"tables {tuple(block_tables.shape)}, lengths {tuple(context_lens.shape)}"
+        )
     num_seqs, h_q, d = q.shape
-    _, block_size, h_kv, d_cache = k_cache.shape
-    if d != d_cache or h_q % h_kv:
-        raise ValueError(f"q {tuple(q.shape)} does not match the cache {tuple(k_cache.shape)}")
+    num_blocks, block_size, h_kv, _ = k_cache.shape
     q = q.contiguous()
     tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     lens = context_lens.contiguous()
-    out = torch.empty_like(q)
+    out = torch.empty((num_seqs, h_q, d), dtype=q.dtype)
     rc = lib.tw_paged_decode_attention(
-        _DTYPE_CODES[q.dtype], q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
-        tables.data_ptr(), tables.stride(0), tables.shape[1], lens.data_ptr(), out.data_ptr(),
-        num_seqs, h_q, h_kv, d, block_size, scale, torch.get_num_threads(),
+        code, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), num_blocks, tables.data_ptr(),
+        tables.stride(0), tables.shape[1], lens.data_ptr(), out.data_ptr(), num_seqs, h_q, h_kv, d,
+        block_size, scale, torch.get_num_threads(),
     )  # fmt: skip
-    if rc == 2:
-        raise ValueError("a context length exceeds its block table, or a block id is outside the pool")
     if rc != 0:
-        raise ValueError(f"the kernel refused dtype {q.dtype}")
+        raise ValueError("a context length exceeds its block table, or a block id is outside the pool")
     return out
+
+
+def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x as a CPU [rows, width] tensor with unit stride in its last dim, without a copy where possible."""
+    if not (x.is_cpu and x.shape[-1] == width):
+        raise ValueError(f"need a CPU tensor of last dim {width}, got {tuple(x.shape)} on {x.device}")
+    rows = x if x.dim() == 2 else x.reshape(-1, width)
+    return rows if rows.stride(1) == 1 else rows.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each row of x (as ``layers.RMSNorm``): a new tensor of x's shape and dtype."""
+    lib = _loaded_library()
+    code = _DTYPE_CODES.get(x.dtype)
+    if code is None or weight.dtype != x.dtype or weight.dim() != 1 or not weight.is_cpu or not weight.is_contiguous():
+        raise ValueError(f"x {x.dtype}, weight {weight.dtype} {tuple(weight.shape)}: need float32 or bfloat16, 1-d CPU weight")
+    rows = _rows(x, weight.shape[0])
+    out = torch.empty(rows.shape, dtype=x.dtype)
+    lib.tw_rms_norm(
+        code, rows.data_ptr(), rows.stride(0), weight.data_ptr(), out.data_ptr(), rows.shape[1], rows.shape[0],
+        rows.shape[1], eps, torch.get_num_threads(),
+    )  # fmt: skip
+    return out if x.dim() == 2 else out.view(x.shape)
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotary embedding of x: [T, H, D] in place (its heads contiguous, its rows any stride).
+
+    cos, sin: [T, D] float32, as ``RotaryEmbedding.tables`` gives them (without the head axis).
+    """
+    lib = _loaded_library()
+    code = _DTYPE_CODES.get(x.dtype)
+    if code is None or not x.is_cpu or x.dim() != 3:
+        raise ValueError(f"x {x.dtype} {tuple(x.shape)} on {x.device}: need a CPU [T, H, D] float32 or bfloat16")
+    t, heads, d = x.shape
+    if not (
+        x.stride(2) == 1
+        and x.stride(1) == d
+        and cos.dtype == sin.dtype == torch.float32
+        and cos.is_cpu
+        and sin.is_cpu
+        and cos.shape == sin.shape == (t, d)
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+    ):
+        raise ValueError(f"x {tuple(x.shape)} strides {x.stride()}, tables {tuple(cos.shape)} {cos.dtype}")
+    lib.tw_rotary(code, x.data_ptr(), x.stride(0), t, heads, d, cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up`` for x = [gate | up] along its last dim: [..., 2I] -> [..., I]."""
+    lib = _loaded_library()
+    code = _DTYPE_CODES.get(x.dtype)
+    if code is None or x.shape[-1] % 2:
+        raise ValueError(f"x {x.dtype} {tuple(x.shape)}: need float32 or bfloat16 and an even last dim")
+    rows = _rows(x, x.shape[-1])
+    width = rows.shape[1] // 2
+    out = torch.empty((rows.shape[0], width), dtype=x.dtype)
+    lib.tw_silu_and_mul(code, rows.data_ptr(), rows.stride(0), out.data_ptr(), rows.shape[0], width, torch.get_num_threads())
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], width)
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the native kernels take tensors of this device and dtype (CPU; float32 or bfloat16)."""
+    return device.type == "cpu" and dtype in _DTYPE_CODES and _library() is not None
 
 
 def decode_kernel(device: torch.device, dtype: torch.dtype) -> DecodeKernel | None:
@@ -186,6 +282,4 @@ def decode_kernel(device: torch.device, dtype: torch.dtype) -> DecodeKernel | No
 
     Only CPU tensors of float32 or bfloat16 have one; the first call builds it (about a second).
     """
-    if device.type != "cpu" or dtype not in _DTYPE_CODES or _library() is None:
-        return None
-    return paged_decode_attention
+    return paged_decode_attention if available(device, dtype) else None

@@ -14,31 +14,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
+
+#include "common.h"
 
 namespace {
 
-constexpr int kAbiVersion = 2;
-constexpr int kFloat32 = 0;
-constexpr int kBFloat16 = 1;
-
-inline float to_float(float x) { return x; }
-inline float to_float(uint16_t x) {
-  const uint32_t bits = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline void store(float x, float* dst) { *dst = x; }
-inline void store(float x, uint16_t* dst) {
-  // Round to nearest even, as torch does when it casts float32 to bfloat16.
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  *dst = static_cast<uint16_t>(bits >> 16);
-}
+using tw::store;
+using tw::to_float;
+constexpr int kAbiVersion = 3;
 
 template <typename T>
 void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
@@ -51,41 +35,40 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int6
   const int64_t block_stride = block_size * token_stride;
 #pragma omp parallel num_threads(num_threads)
   {
-    // Per thread: the queries in float32, one row of scores per query head, one accumulator per head.
-    std::vector<float> qf(num_q_heads * D), scores, acc(num_q_heads * D);
-    // One sequence per task, longest first as the runner orders them: the dynamic schedule then
-    // balances the threads.
+    // Per thread: one KV head's queries in float32, their rows of scores, their accumulators.
+    std::vector<float> qf(group * D), scores, acc(group * D);
+    // One task per (sequence, KV head), so that even one sequence uses every thread; sequences
+    // come longest first (the runner orders them), which the dynamic schedule balances well.
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t s = 0; s < num_seqs; ++s) {
+    for (int64_t item = 0; item < num_seqs * num_kv_heads; ++item) {
+      const int64_t s = item / num_kv_heads, h = item % num_kv_heads;
       const int64_t len = context_lens[s];
       const int64_t num_blocks = (len + block_size - 1) / block_size;
       const int64_t* table = block_tables + s * table_stride;
-      for (int64_t i = 0; i < num_q_heads * D; ++i) qf[i] = to_float(q[s * num_q_heads * D + i]) * scale;
-      scores.resize(static_cast<size_t>(num_q_heads * len));
+      const T* qs = q + (s * num_q_heads + h * group) * D;
+      for (int64_t i = 0; i < group * D; ++i) qf[i] = to_float(qs[i]) * scale;
+      scores.resize(static_cast<size_t>(group * len));
 
-      // Scores: each key is read once, for all query heads of its group.
+      // Scores: each key is read once, for every query head of its group.
       for (int64_t b = 0; b < num_blocks; ++b) {
-        const T* kb = k_cache + table[b] * block_stride;
+        const T* kb = k_cache + table[b] * block_stride + h * D;
         const int64_t n = std::min(block_size, len - b * block_size);
         for (int64_t o = 0; o < n; ++o) {
+          const T* k = kb + o * token_stride;
           const int64_t t = b * block_size + o;
-          for (int64_t h = 0; h < num_kv_heads; ++h) {
-            const T* k = kb + o * token_stride + h * D;
-            for (int64_t g = 0; g < group; ++g) {
-              const int64_t r = h * group + g;
-              const float* qr = qf.data() + r * D;
-              float dot = 0.f;
+          for (int64_t g = 0; g < group; ++g) {
+            const float* qg = qf.data() + g * D;
+            float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-              for (int64_t d = 0; d < D; ++d) dot += qr[d] * to_float(k[d]);
-              scores[r * len + t] = dot;
-            }
+            for (int64_t d = 0; d < D; ++d) dot += qg[d] * to_float(k[d]);
+            scores[g * len + t] = dot;
           }
         }
       }
 
       // Softmax per query head (subtracting the row's maximum keeps exp in range).
-      for (int64_t r = 0; r < num_q_heads; ++r) {
-        float* row = scores.data() + r * len;
+      for (int64_t g = 0; g < group; ++g) {
+        float* row = scores.data() + g * len;
         float m = row[0];
         for (int64_t t = 1; t < len; ++t) m = std::max(m, row[t]);
         float sum = 0.f;
@@ -102,24 +85,21 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int6
       // Weighted sum of values, each value read once.
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t b = 0; b < num_blocks; ++b) {
-        const T* vb = v_cache + table[b] * block_stride;
+        const T* vb = v_cache + table[b] * block_stride + h * D;
         const int64_t n = std::min(block_size, len - b * block_size);
         for (int64_t o = 0; o < n; ++o) {
+          const T* v = vb + o * token_stride;
           const int64_t t = b * block_size + o;
-          for (int64_t h = 0; h < num_kv_heads; ++h) {
-            const T* v = vb + o * token_stride + h * D;
-            for (int64_t g = 0; g < group; ++g) {
-              const int64_t r = h * group + g;
-              const float p = scores[r * len + t];
-              float* a = acc.data() + r * D;
+          for (int64_t g = 0; g < group; ++g) {
+            const float p = scores[g * len + t];
+            float* a = acc.data() + g * D;
 #pragma omp simd
-              for (int64_t d = 0; d < D; ++d) a[d] += p * to_float(v[d]);
-            }
+            for (int64_t d = 0; d < D; ++d) a[d] += p * to_float(v[d]);
           }
         }
       }
-      T* o = out + s * num_q_heads * D;
-      for (int64_t i = 0; i < num_q_heads * D; ++i) store(acc[i], o + i);
+      T* o = out + (s * num_q_heads + h * group) * D;
+      for (int64_t i = 0; i < group * D; ++i) store(acc[i], o + i);
     }
   }
 }
@@ -146,13 +126,13 @@ int tw_paged_decode_attention(int dtype, const void* q, const void* k_cache, con
     }
   }
   switch (dtype) {
-    case kFloat32:
+    case tw::kFloat32:
       decode_attention(static_cast<const float*>(q), static_cast<const float*>(k_cache),
                        static_cast<const float*>(v_cache), block_tables, table_stride, context_lens,
                        static_cast<float*>(out), num_seqs, num_q_heads, num_kv_heads, head_dim,
                        block_size, scale, num_threads);
       return 0;
-    case kBFloat16:
+    case tw::kBFloat16:
       decode_attention(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k_cache),
                        static_cast<const uint16_t*>(v_cache), block_tables, table_stride, context_lens,
                        static_cast<uint16_t*>(out), num_seqs, num_q_heads, num_kv_heads, head_dim,

@@ -1,4 +1,4 @@
-"""Building blocks shared by the models: RMSNorm and rotary position embeddings."""
+"""Building blocks shared by the models: RMSNorm, rotary position embeddings, the native-ops switch."""
 
 from __future__ import annotations
 
@@ -6,9 +6,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenwire.engine import native
+
+
+def enable_native_ops(model: nn.Module) -> int:
+    """Route every module that has a native path (a ``native_ops`` attribute) through it.
+
+    Only for inference on CPU in float32 or bfloat16 (``native.available``): the native ops keep
+    no autograd graph. Returns how many modules were switched.
+    """
+    switched = 0
+    for module in model.modules():
+        if hasattr(module, "native_ops") and not module.native_ops:
+            module.native_ops = True
+            switched += 1
+    return switched
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 and cast back (as LLaMA does)."""
+
+    native_ops = False
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -16,6 +34,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native_ops:
+            return native.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         if dtype == torch.float32 and self.weight.dtype == torch.float32:
             # NOTE: one fused kernel instead of six small ones; the same formula in float32.

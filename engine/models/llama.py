@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenwire.engine import native
 from tokenwire.engine.attention import AttentionMetadata, paged_attention
 from tokenwire.engine.models.base import KVCacheSpec
 from tokenwire.engine.models.layers import RMSNorm, RopeTables, RotaryEmbedding, rotate
@@ -82,6 +83,8 @@ class LlamaConfig:
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE; q, k and v come from one fused projection."""
 
+    native_ops = False
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.num_heads = config.num_heads
@@ -100,7 +103,12 @@ class Attention(nn.Module):
         lead = x.shape[:-1]
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # NOTE: q and k sit side by side in the fused projection, so one rotation covers both.
-        qk = rotate(qk.view(*lead, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
+        qk = qk.view(*lead, self.num_heads + self.num_kv_heads, self.head_dim)
+        if self.native_ops and qk.dim() == 3:
+            # In place on the projection's output, which nothing else holds; tables [T, 1, D].
+            native.rotary_(qk, rope[0].squeeze(-2), rope[1].squeeze(-2))
+        else:
+            qk = rotate(qk, *rope)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)
         return q, k, v.view(*lead, self.num_kv_heads, self.head_dim)
 
@@ -130,6 +138,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up fused in one projection."""
 
+    native_ops = False
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
@@ -138,6 +148,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., hidden] -> [..., hidden]."""
+        if self.native_ops:
+            return self.down_proj(native.silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # each [..., I]
         return self.down_proj(F.silu(gate) * up)
 

@@ -1,4 +1,4 @@
-"""The native CPU decode-attention kernel: its build, its agreement with SDPA, and the inputs it refuses."""
+"""The native CPU kernels: their build, their agreement with SDPA and the torch layers, the inputs they refuse."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenwire.engine import LLM, SamplingParams, native
+from tokenwire.engine.models.layers import RMSNorm, RotaryEmbedding, enable_native_ops, rotate
 
 HAS_COMPILER = native._compiler() is not None
 
@@ -130,5 +131,53 @@ def test_the_engine_gives_the_same_tokens_with_and_without_the_kernel(kernel: na
     for native_kernels in (True, False):
         llm = LLM(dtype="float32", kv_cache_memory=1 << 26, native_kernels=native_kernels)
         assert (llm.core.runner.decode_kernel is not None) == native_kernels
+        layer = llm.core.runner.model.layers[0]
+        assert layer.mlp.native_ops == layer.self_attn.native_ops == layer.input_layernorm.native_ops == native_kernels
         runs.append([o.token_ids for o in llm.generate(prompts, params)])
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_row_ops_match_the_torch_layers(kernel: native.DecodeKernel, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(11)
+    # float32 agrees to rounding; bfloat16 to one step of its 8-bit mantissa where rounding ties differ.
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
+    x = torch.randn(3, 5, 48, generator=gen).to(dtype)
+    norm = RMSNorm(48, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=gen))
+    torch.testing.assert_close(native.rms_norm(x, norm.weight.detach(), 1e-5), norm(x), **tol)
+
+    # q and k side by side in a wider projection row, as Attention._qkv rotates them in place.
+    rope = RotaryEmbedding(16, max_positions=64)
+    positions = torch.tensor([0, 5, 63, 7])
+    cos, sin = rope.tables(positions)
+    proj = torch.randn(4, 6 * 16 + 32, generator=gen).to(dtype)
+    expected = rotate(proj[:, : 6 * 16].view(4, 6, 16), cos, sin)
+    untouched = proj[:, 6 * 16 :].clone()
+    native.rotary_(proj[:, : 6 * 16].view(4, 6, 16), cos.squeeze(-2), sin.squeeze(-2))
+    torch.testing.assert_close(proj[:, : 6 * 16].view(4, 6, 16), expected, **tol)
+    assert torch.equal(proj[:, 6 * 16 :], untouched)
+
+    gate_up = torch.randn(2, 7, 2 * 40, generator=gen).to(dtype)
+    torch.testing.assert_close(native.silu_and_mul(gate_up), F.silu(gate_up[..., :40]) * gate_up[..., 40:], **tol)
+    # A strided input (every other row) reads the right rows.
+    torch.testing.assert_close(native.silu_and_mul(gate_up[:, ::2]), F.silu(gate_up[:, ::2, :40]) * gate_up[:, ::2, 40:], **tol)
+
+
+def test_row_ops_refuse_what_they_cannot_read(kernel: native.DecodeKernel) -> None:
+    with pytest.raises(ValueError, match="weight"):
+        native.rms_norm(torch.randn(2, 8), torch.randn(8, dtype=torch.float64), 1e-5)
+    with pytest.raises(ValueError, match="last dim 8"):
+        native.rms_norm(torch.randn(2, 9), torch.randn(8), 1e-5)
+    with pytest.raises(ValueError, match="tables"):
+        native.rotary_(torch.randn(3, 2, 8), torch.randn(2, 8), torch.randn(2, 8))
+    with pytest.raises(ValueError, match="even"):
+        native.silu_and_mul(torch.randn(2, 7))
+
+
+def test_enable_native_ops_switches_each_module_with_a_native_path() -> None:
+    model = torch.nn.Sequential(RMSNorm(8), torch.nn.Linear(8, 8), RMSNorm(8))
+    assert enable_native_ops(model) == 2
+    assert all(m.native_ops for m in model if isinstance(m, RMSNorm))
+    assert enable_native_ops(model) == 0
