@@ -200,7 +200,7 @@ def paged_attention(
             # NOTE: no earlier context: attend to this step's own keys with the is_causal fast path,
             # skipping a gather from the pool.
             ks, vs = k[s : s + n].transpose(0, 1), v[s : s + n].transpose(0, 1)
-            o = F.scaled_dot_product_attention(qs, ks.to(qs.dtype), vs.to(qs.dtype), is_causal=True, scale=scale, enable_gqa=gqa)
+            o = _chunk_sdpa(qs, ks.to(qs.dtype), vs.to(qs.dtype), None, scale)
         else:
             ks = _gather(k_cache, chunk.block_table, chunk.context_len).transpose(0, 1).to(qs.dtype)
             vs = _gather(v_cache, chunk.block_table, chunk.context_len).transpose(0, 1).to(qs.dtype)
@@ -208,9 +208,26 @@ def paged_attention(
             q_pos = torch.arange(chunk.context_len - n, chunk.context_len, device=q.device)
             k_pos = torch.arange(chunk.context_len, device=q.device)
             mask = k_pos[None, :] <= q_pos[:, None]  # [n, context_len], True = attend
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            o = _chunk_sdpa(qs, ks, vs, mask, scale)
         out[s : s + n] = o.transpose(0, 1)
     return out
+
+
+def _chunk_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
+) -> torch.Tensor:
+    """One chunk's attention: q [H_q, n, D], k and v [H_kv, L, D]; causal when ``mask`` is None.
+
+    SDPA's flash kernel for the CPU takes only 4-d inputs without ``enable_gqa``; 3-d or grouped
+    inputs fall back to the math path, which materializes every score (at 578 tokens of prompt the
+    layer's attention took 18 ms that way and 6.6 ms through flash). So the KV heads are repeated
+    for their query heads and a batch axis is added.
+    """
+    group = q.shape[0] // k.shape[0]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+    o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=mask is None, scale=scale)
+    return o[0]
 
 
 def _decode_attention(
