@@ -24,6 +24,12 @@ class RunnerOutput:
     logits: torch.Tensor  # [sum of num_sampled_rows, vocab] float32
 
 
+# Chunks of at most this many tokens attend as decode rows when the native kernel is present (a
+# decode with drafts, a prompt's tail after a prefix-cache hit); each row rereads its sequence's
+# keys, so longer chunks stay with SDPA.
+_MAX_CHUNK_AS_ROWS = 16
+
+
 def num_blocks_for_budget(spec: KVCacheSpec, dtype: torch.dtype, block_size: int, budget_bytes: int) -> int:
     """How many blocks of the pool fit in a memory budget."""
     per_block = spec.bytes_per_token(dtype) * block_size
@@ -79,7 +85,15 @@ class ModelRunner:
         # NOTE: decodes longest first, so that groups of similar lengths are runs of rows (see
         # group_decodes); the flat batch's order is the runner's to choose.
         decodes = sorted(out.decodes, key=lambda d: -d.seq.num_computed_tokens)
-        for item in decodes + out.prefills:
+        # With the native kernel, a short chunk (a decode with drafts, a tiny prompt) attends as
+        # one decode row per token, each with its own context length: cheaper than a chunk's
+        # gather and SDPA call per layer, and exact, since each row sees the keys up to its own.
+        limit = _MAX_CHUNK_AS_ROWS if self.decode_kernel is not None else 1
+        as_rows = [p for p in out.prefills if p.num_new_tokens <= limit]
+        chunks = [p for p in out.prefills if p.num_new_tokens > limit]
+        row_tables: list[list[int]] = []
+        row_lens: list[int] = []
+        for item in decodes + as_rows + chunks:
             seq, table = item.seq, item.block_table
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
             query_start = len(input_ids)
@@ -87,7 +101,10 @@ class ModelRunner:
             pos = range(start, end)
             positions.extend(pos)
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            if item.num_new_tokens > 1:
+            if item.num_new_tokens <= limit:
+                row_tables.extend([table] * item.num_new_tokens)
+                row_lens.extend(p + 1 for p in pos)
+            else:
                 prefill_tables.append(table[: (end + bs - 1) // bs])
                 prefills.append(
                     PrefillChunk(
@@ -103,19 +120,20 @@ class ModelRunner:
                 sampled.append(item)
         dev = self.device
         groups: tuple[tuple[int, int], ...] = ()
-        if decodes:
-            num_blocks = [(d.seq.num_computed_tokens + bs) // bs for d in decodes]
-            groups = group_decodes(num_blocks) if self.decode_kernel is None else ()
-            width = num_blocks[0]
-            tables = [d.block_table[:width] + [0] * (width - min(len(d.block_table), width)) for d in decodes]
+        if row_lens:
+            num_blocks = [(n + bs - 1) // bs for n in row_lens]
+            width = max(num_blocks)
+            if self.decode_kernel is None:
+                groups = group_decodes(num_blocks)  # rows are decodes only, longest first
+            tables = [t[:width] + [0] * (width - min(len(t), width)) for t in row_tables]
             decode_tables = torch.tensor(tables, dtype=torch.long, device=dev)
-            decode_lens = torch.tensor([d.seq.num_computed_tokens + 1 for d in decodes], dtype=torch.long, device=dev)
+            decode_lens = torch.tensor(row_lens, dtype=torch.long, device=dev)
         else:
             decode_tables = torch.zeros((0, 1), dtype=torch.long, device=dev)
             decode_lens = torch.zeros((0,), dtype=torch.long, device=dev)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decode_tokens=len(decodes),
+            num_decode_tokens=len(row_lens),
             decode_block_tables=decode_tables,
             decode_context_lens=decode_lens,
             prefills=prefills,

@@ -125,16 +125,21 @@ def test_a_failing_or_missing_compiler_is_reported(tmp_path, monkeypatch) -> Non
 
 @pytest.mark.slow
 def test_the_engine_gives_the_same_tokens_with_and_without_the_kernel(kernel: native.DecodeKernel) -> None:
-    prompts = ["The capital of France is", "def add(a, b):", "Once upon a time", "1, 2, 3, 4,"]
+    # Short prompts and drafts attend as decode rows on the native path, as chunks on torch's.
+    prompts = ["The capital of France is", "def add(a, b):", "Once upon a time", "1, 2, 3, 4, 5, 6, 7, 8,"]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     runs = []
-    for native_kernels in (True, False):
-        llm = LLM(dtype="float32", kv_cache_memory=1 << 26, native_kernels=native_kernels)
+    for native_kernels, speculative_tokens in ((True, 0), (False, 0), (True, 4)):
+        llm = LLM(
+            dtype="float32", kv_cache_memory=1 << 26, native_kernels=native_kernels, speculative_tokens=speculative_tokens
+        )
         assert (llm.core.runner.decode_kernel is not None) == native_kernels
         layer = llm.core.runner.model.layers[0]
         assert layer.mlp.native_ops == layer.self_attn.native_ops == layer.input_layernorm.native_ops == native_kernels
         runs.append([o.token_ids for o in llm.generate(prompts, params)])
-    assert runs[0] == runs[1]
+        if speculative_tokens:
+            assert llm.stats().accepted_draft_tokens_total > 0
+    assert runs[0] == runs[1] == runs[2]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
