@@ -89,6 +89,7 @@ def build() -> Path:
 
     Raises:
         RuntimeError: no C++ compiler, or the compiler failed (its output is in the message).
+        OSError: ``$TOKENWIRE_KERNEL_DIR`` cannot be created.
     """
     compiler = _compiler()
     if compiler is None:
@@ -97,7 +98,17 @@ def build() -> Path:
     target = _library_path(compiler, flags)
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        if "TOKENWIRE_KERNEL_DIR" in os.environ:
+            raise
+        # NOTE: a home without a writable cache (a read-only container user) still gets the
+        # kernels, built once per boot in the temporary folder.
+        target = Path(tempfile.gettempdir()) / f"tokenwire-kernels-{getattr(os, 'getuid', lambda: 0)()}" / target.name
+        if target.exists():
+            return target
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     # NOTE: compile to a private file and rename it into place, so that processes building at the
     # same time never load a half-written library.
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
