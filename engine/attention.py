@@ -220,10 +220,14 @@ def _chunk_sdpa(
 
     SDPA's flash kernel for the CPU takes only 4-d inputs without ``enable_gqa``; 3-d or grouped
     inputs fall back to the math path, which materializes every score (at 578 tokens of prompt the
-    layer's attention took 18 ms that way and 6.6 ms through flash). So the KV heads are repeated
-    for their query heads and a batch axis is added.
+    layer's attention took 18 ms that way and 6.6 ms through flash). So in float32 the KV heads are
+    repeated for their query heads and a batch axis is added. Other dtypes keep the math path: in
+    bfloat16 the flash kernel moved the default model's top logprob for a chat prompt by 0.16 from
+    its float32-attention value (the math path: by 0.01), enough to flip a greedy answer.
     """
     group = q.shape[0] // k.shape[0]
+    if q.dtype != torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=group > 1)
     if group > 1:
         k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
     o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=mask is None, scale=scale)
