@@ -119,6 +119,9 @@ def build() -> Path:
         )
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        # NOTE: readable by all (mkstemp made it private): a container image builds the library
+        # as root, and the server runs as another user.
+        os.chmod(tmp, 0o755)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

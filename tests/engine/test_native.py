@@ -109,6 +109,7 @@ def test_a_build_is_reused_and_kept_where_told(tmp_path, monkeypatch) -> None:
     stamp = path.stat().st_mtime_ns
     assert native.build() == path and path.stat().st_mtime_ns == stamp  # not compiled again
     assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+    assert path.stat().st_mode & 0o444 == 0o444  # loadable by a server running as another user
 
 
 def test_a_failing_or_missing_compiler_is_reported(tmp_path, monkeypatch) -> None:
