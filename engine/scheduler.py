@@ -48,7 +48,11 @@ class ScheduledSequence:
 
 @dataclass
 class SchedulerOutput:
-    """What runs this step: single-token decodes first, then prompt chunks."""
+    """What runs this step: single-token decodes, and chunks (prompt pieces, decodes with drafts).
+
+    The runner chooses the flat batch's order (decodes longest first; on CPU, short chunks as
+    decode rows), and returns the sampled sequences in that order.
+    """
 
     decodes: list[ScheduledSequence] = field(default_factory=list)
     prefills: list[ScheduledSequence] = field(default_factory=list)
@@ -56,7 +60,7 @@ class SchedulerOutput:
 
     @property
     def scheduled(self) -> list[ScheduledSequence]:
-        """All scheduled sequences in flat-batch order."""
+        """All scheduled sequences: the decodes, then the chunks."""
         return self.decodes + self.prefills
 
     @property
