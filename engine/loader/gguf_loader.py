@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from tokenwire.engine.errors import ModelLoadError
-from tokenwire.engine.loader.architecture import BuiltModel
+from tokenwire.engine.native import GGUF_KERNEL_TYPES
+from tokenwire.engine.loader.architecture import Architecture, BuiltModel
 from tokenwire.engine.loader.progress import progress_enabled, track
 from tokenwire.engine.loader.registry import architecture_for_gguf, known_architectures
 
@@ -107,6 +108,20 @@ def tensor_to_torch(t: Any) -> torch.Tensor:
     return torch.from_numpy(dequantize(data, t.tensor_type)).reshape(shape)
 
 
+def _weights(tensors: Iterable[Any], arch: Architecture, config: Any, keeper: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, dense tensor) per GGUF tensor; a quantized one's blocks also go to ``keeper.keep_gguf_blocks``.
+
+    The blocks go through the architecture's name and row mapping too (``gguf_weight`` only names
+    and reorders rows), so that they stay row for row with the dense weight.
+    """
+    for t in tensors:
+        name, tensor = arch.gguf_weight(t.name, tensor_to_torch(t), config)
+        if keeper is not None and int(t.tensor_type) in GGUF_KERNEL_TYPES and tensor.dim() == 2:
+            raw = torch.from_numpy(np.asarray(t.data).reshape(tensor.shape[0], -1).copy())
+            keeper.keep_gguf_blocks(name, int(t.tensor_type), arch.gguf_weight(t.name, raw, config)[1])
+        yield name, tensor
+
+
 def load_gguf(
     path: Path, dtype: torch.dtype, device: torch.device, progress: bool | None = None, reader: Any = None
 ) -> BuiltModel:
@@ -141,7 +156,8 @@ def load_gguf(
         config = arch.config_from_gguf(meta, arch_name, shapes)
         model = arch.build(config, dtype, device)
         tensors = track(reader.tensors, total=len(reader.tensors), desc=f"Loading {path.name}", enabled=progress_enabled(progress))
-        model.load_weights(arch.gguf_weight(t.name, tensor_to_torch(t), config) for t in tensors)
+        keep_blocks = hasattr(model, "keep_gguf_blocks") and dtype == torch.float32 and device.type == "cpu"
+        model.load_weights(_weights(tensors, arch, config, model if keep_blocks else None))
     except ValueError as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
     return BuiltModel(model=model, architecture=arch, config=config, name=str(meta.get("general.name") or path.stem))

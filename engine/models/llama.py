@@ -219,6 +219,8 @@ class LlamaForCausalLM(nn.Module):
         self.to(dtype)
         self.to_empty(device=device)
         self.rotary = self._make_rotary(torch.device(device))
+        # Parameter name -> shard index -> (GGUF type, blocks), from ``keep_gguf_blocks``.
+        self._gguf_parts: dict[str, dict[int, tuple[int, torch.Tensor]]] = {}
 
     def _make_rotary(self, device: torch.device) -> RotaryEmbedding:
         cfg = self.config
@@ -304,6 +306,37 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, rope)
         return self.compute_logits(x)
 
+    def _shard_rows(self) -> dict[str, tuple[int, ...]]:
+        """Fused parameter suffix -> rows of each shard along dim 0, so a shard knows its offset."""
+        attn, mlp = self.layers[0].self_attn, self.layers[0].mlp
+        return {
+            "self_attn.qkv_proj.weight": (attn.q_size, attn.kv_size, attn.kv_size),
+            "mlp.gate_up_proj.weight": (mlp.intermediate_size, mlp.intermediate_size),
+        }
+
+    def _destination(self, raw_name: str, params: dict[str, nn.Parameter]) -> tuple[str, int | None, slice] | None:
+        """Where a checkpoint tensor goes: (parameter, shard index or None, rows), or None to skip it.
+
+        Raises:
+            ValueError: a name this model has no parameter for.
+        """
+        name = raw_name.removeprefix("model.")
+        if name.endswith("rotary_emb.inv_freq"):
+            return None  # NOTE: a derived buffer some older checkpoints saved; ours is rebuilt.
+        if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            return None  # NOTE: some tied checkpoints store the shared matrix twice.
+        for suffix, (fused_suffix, index) in _FUSED.items():
+            if name.endswith(suffix):
+                target = name[: -len(suffix)] + fused_suffix
+                if target in params:
+                    rows = self._shard_rows()[fused_suffix]
+                    start = sum(rows[:index])
+                    return target, index, slice(start, start + rows[index])
+                break
+        if name in params:
+            return name, None, slice(None)
+        raise ValueError(f"unexpected weight {raw_name!r} (no such parameter in a LLaMA model)")
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors in, fusing q/k/v and gate/up.
 
@@ -318,37 +351,18 @@ class LlamaForCausalLM(nn.Module):
             ValueError: an unknown name, a shape that does not match, or weights left unloaded.
         """
         params = dict(self.named_parameters())
-        # Fused parameter suffix -> rows of each shard along dim 0, so a shard knows its offset.
-        attn, mlp = self.layers[0].self_attn, self.layers[0].mlp
-        shard_rows = {
-            "self_attn.qkv_proj.weight": (attn.q_size, attn.kv_size, attn.kv_size),
-            "mlp.gate_up_proj.weight": (mlp.intermediate_size, mlp.intermediate_size),
-        }
+        shard_rows = self._shard_rows()
         # Parameter name -> shards not loaded yet (one shard, 0, for a plain parameter).
         pending: dict[str, set[int]] = {}
         for name in params:
             fused = next((f for f in shard_rows if name.endswith(f)), None)
             pending[name] = set(range(len(shard_rows[fused]) if fused else 1))
         for raw_name, tensor in weights:
-            name = raw_name.removeprefix("model.")
-            if name.endswith("rotary_emb.inv_freq"):
-                continue  # NOTE: a derived buffer some older checkpoints saved; ours is rebuilt.
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue  # NOTE: some tied checkpoints store the shared matrix twice.
-            target, shard, dest = name, None, None
-            for suffix, (fused_suffix, index) in _FUSED.items():
-                if name.endswith(suffix):
-                    target, shard = name[: -len(suffix)] + fused_suffix, index
-                    if target in params:
-                        rows = shard_rows[fused_suffix]
-                        start = sum(rows[:index])
-                        dest = params[target].data[start : start + rows[index]]
-                    break
-            else:
-                if target in params:
-                    dest = params[target].data
-            if dest is None:
-                raise ValueError(f"unexpected weight {raw_name!r} (no such parameter in a LLaMA model)")
+            where = self._destination(raw_name, params)
+            if where is None:
+                continue
+            target, shard, rows = where
+            dest = params[target].data[rows]
             if tuple(tensor.shape) != tuple(dest.shape):
                 raise ValueError(
                     f"weight {raw_name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(dest.shape)}"
@@ -362,3 +376,37 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(name for name, left in pending.items() if left)
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+    def keep_gguf_blocks(self, raw_name: str, ggml_type: int, blocks: torch.Tensor) -> None:
+        """Keep a checkpoint weight's GGUF blocks beside its dense copy, for ``gguf_linear_blocks``.
+
+        Args:
+            raw_name: the weight's name, as ``load_weights`` takes it.
+            ggml_type: its GGUF quantization type id.
+            blocks: [rows, bytes per row] uint8, rows in the order of the dense weight's.
+        """
+        where = self._destination(raw_name, dict(self.named_parameters()))
+        if where is not None:
+            target, shard, _ = where
+            self._gguf_parts.setdefault(target, {})[shard or 0] = (ggml_type, blocks)
+
+    def gguf_linear_blocks(self) -> dict[str, tuple[int, torch.Tensor]]:
+        """Linear module path -> (GGUF type, [out_features, bytes] blocks) where the whole weight has them.
+
+        A fused weight qualifies when every shard came as blocks of one type. Hands the blocks
+        over: a second call returns nothing.
+        """
+        shard_rows = self._shard_rows()
+        found: dict[str, tuple[int, torch.Tensor]] = {}
+        for target, parts in self._gguf_parts.items():
+            fused = next((f for f in shard_rows if target.endswith(f)), None)
+            if len(parts) != (len(shard_rows[fused]) if fused else 1) or len({t for t, _ in parts.values()}) != 1:
+                continue
+            blocks = torch.cat([parts[i][1] for i in sorted(parts)]) if len(parts) > 1 else parts[0][1]
+            entry = (next(iter(parts.values()))[0], blocks.contiguous())
+            found[target.removesuffix(".weight")] = entry
+            if target == "embed_tokens.weight" and self.config.tie_word_embeddings:
+                found["lm_head"] = entry
+        found.pop("embed_tokens", None)  # NOTE: a lookup, not a matmul: the dense table serves it.
+        self._gguf_parts = {}
+        return found
