@@ -11,6 +11,7 @@ from tokenwire.engine.detokenizer import IncrementalDetokenizer
 from tokenwire.engine.errors import DuplicateRequestError, InvalidRequestError, PromptTooLongError, QueueFullError
 from tokenwire.engine.info import EngineStats, ModelInfo
 from tokenwire.engine.loader import LoadedModel
+from tokenwire.engine.models.gguf_linear import use_gguf_blocks
 from tokenwire.engine.models.layers import enable_native_ops
 from tokenwire.engine.models.packed_linear import can_prepack, prepack_linears
 from tokenwire.engine.outputs import FinishReason, RequestOutput, TokenLogprob
@@ -37,8 +38,12 @@ class EngineCore:
         if args.prepack_weights and can_prepack(loaded.dtype, loaded.device):
             # NOTE: in place: the engine owns the loaded model from here on.
             prepack_linears(model)
+        # NOTE: taken even when unused, so that the model lets go of the blocks' memory.
+        gguf_blocks = model.gguf_linear_blocks() if hasattr(model, "gguf_linear_blocks") else {}
         if args.native_kernels and native.available(loaded.device, loaded.dtype):
             enable_native_ops(model)
+            if loaded.dtype == torch.float32:
+                use_gguf_blocks(model, gguf_blocks)
         spec = model.kv_cache_spec
         num_blocks = num_blocks_for_budget(spec, loaded.dtype, args.block_size, self._kv_budget_bytes())
         if num_blocks < 2:

@@ -20,7 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCE_DIR = Path(__file__).with_name("csrc")
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 # Element-type codes of the C entry point.
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _BUILD_TIMEOUT_S = 300
@@ -151,10 +151,12 @@ def _library() -> ctypes.CDLL | None:
             "tw_rms_norm": [i32, p, i64, p, p, i64, i64, i64, f32, i32],
             "tw_rotary": [i32, p, i64, i64, i64, i64, p, p, i32],
             "tw_silu_and_mul": [i32, p, i64, p, i64, i64, i32],
+            "tw_quant_linear": [i32, p, i64, i64, i64, p, i64, i64, p, i64, i32],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, i32
+        lib.tw_quant_block_bytes.argtypes, lib.tw_quant_block_bytes.restype = [i32], i64
         _loaded = lib
         return lib
 
@@ -286,6 +288,40 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((rows.shape[0], width), dtype=x.dtype)
     lib.tw_silu_and_mul(code, rows.data_ptr(), rows.stride(0), out.data_ptr(), rows.shape[0], width, torch.get_num_threads())
     return out if x.dim() == 2 else out.view(*x.shape[:-1], width)
+
+
+def quant_block_bytes(ggml_type: int) -> int:
+    """Bytes of one 32-weight block of a GGUF quantization type ``quant_linear`` takes, else 0.
+
+    The types are ggml's ids: Q4_0 (2), Q4_1 (3), Q8_0 (8).
+    """
+    return int(_loaded_library().tw_quant_block_bytes(ggml_type))
+
+
+def quant_linear(x: torch.Tensor, ggml_type: int, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``x @ W.T`` in float32 for W kept as GGUF blocks: [..., K] -> [..., out_features].
+
+    blocks: [out_features, K / 32 * block bytes] uint8, contiguous, each row one output feature's
+    blocks in GGUF order. Equals ``F.linear(x, dequantized W)`` up to summation order.
+    """
+    lib = _loaded_library()
+    k = x.shape[-1]
+    if x.dtype != torch.float32 or blocks.dtype != torch.uint8 or not blocks.is_contiguous():
+        raise ValueError(f"x {x.dtype}, blocks {blocks.dtype}: need float32 x and contiguous uint8 blocks")
+    if blocks.dim() != 2 or blocks.shape[0] != out_features:
+        raise ValueError(f"blocks {tuple(blocks.shape)}: need [{out_features}, bytes per row]")
+    rows = _rows(x, k)
+    out = torch.empty((rows.shape[0], out_features), dtype=torch.float32)
+    rc = lib.tw_quant_linear(
+        ggml_type, rows.data_ptr(), rows.stride(0), rows.shape[0], k, blocks.data_ptr(), blocks.shape[1],
+        out_features, out.data_ptr(), out_features, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise ValueError(
+            f"GGUF type {ggml_type} with K={k} and {blocks.shape[1]} bytes per row: "
+            + ("not a type the kernel handles" if rc == 1 else "K must be a multiple of 32 and match the row size")
+        )
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:

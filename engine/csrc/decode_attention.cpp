@@ -22,7 +22,7 @@ namespace {
 
 using tw::store;
 using tw::to_float;
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 // Calls fn(row, t) for positions t = 0..len-1 of one sequence, with row pointing at position t's
 // entry in the pool, walking the block table in order.

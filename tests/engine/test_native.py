@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenwire.engine import LLM, SamplingParams, native
+from tokenwire.engine.models.gguf_linear import GGUFLinear
 from tokenwire.engine.models.layers import RMSNorm, RotaryEmbedding, enable_native_ops, rotate
 
 HAS_COMPILER = native._compiler() is not None
@@ -125,7 +126,7 @@ def test_a_failing_or_missing_compiler_is_reported(tmp_path, monkeypatch) -> Non
 
 
 @pytest.mark.slow
-def test_the_engine_gives_the_same_tokens_with_and_without_the_kernel(kernel: native.DecodeKernel) -> None:
+def test_the_engine_gives_the_same_tokens_with_and_without_the_kernels(kernel: native.DecodeKernel) -> None:
     # Short prompts and drafts attend as decode rows on the native path, as chunks on torch's.
     prompts = ["The capital of France is", "def add(a, b):", "Once upon a time", "1, 2, 3, 4, 5, 6, 7, 8,"]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -137,6 +138,9 @@ def test_the_engine_gives_the_same_tokens_with_and_without_the_kernel(kernel: na
         assert (llm.core.runner.decode_kernel is not None) == native_kernels
         layer = llm.core.runner.model.layers[0]
         assert layer.mlp.native_ops == layer.self_attn.native_ops == layer.input_layernorm.native_ops == native_kernels
+        # The default model's Q4_1/Q8_0 weights: decode rows multiply straight from the blocks.
+        model = llm.core.runner.model
+        assert isinstance(layer.mlp.gate_up_proj, GGUFLinear) == isinstance(model.lm_head, GGUFLinear) == native_kernels
         runs.append([o.token_ids for o in llm.generate(prompts, params)])
         if speculative_tokens:
             assert llm.stats().accepted_draft_tokens_total > 0

@@ -53,8 +53,9 @@ def test_can_prepack_says_no_off_the_cpu_and_for_float16() -> None:
 def test_engine_output_is_the_same_with_and_without_packing() -> None:
     prompts = ["The capital of France is", "def fib(n):", "Once upon a time"]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    packed = LLM(dtype="float32", kv_cache_memory=1 << 26)
-    plain = LLM(dtype="float32", kv_cache_memory=1 << 26, prepack_weights=False)
+    # NOTE: without the native kernels, which would multiply decode rows from the GGUF blocks.
+    packed = LLM(dtype="float32", kv_cache_memory=1 << 26, native_kernels=False)
+    plain = LLM(dtype="float32", kv_cache_memory=1 << 26, prepack_weights=False, native_kernels=False)
     layers = packed.core.runner.model.layers  # type: ignore[attr-defined]
     assert isinstance(layers[0].mlp.down_proj, PackedLinear)
     assert isinstance(plain.core.runner.model.layers[0].mlp.down_proj, nn.Linear)  # type: ignore[attr-defined]

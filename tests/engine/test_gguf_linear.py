@@ -1,0 +1,148 @@
+"""Matmuls straight from GGUF blocks: the kernel's exact dequantization, its agreement with F.linear, the loader's hand-over."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
+
+from tokenwire.engine import native
+from tokenwire.engine.loader import load_gguf, load_model
+from tokenwire.engine.models.gguf_linear import MAX_BLOCK_ROWS, GGUFLinear, use_gguf_blocks
+
+from .test_loader import IDS, logits, write_llama_gguf
+
+CPU = torch.device("cpu")
+KERNEL_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels() -> None:
+    if not native.available(CPU, torch.float32):
+        pytest.skip("no C++ compiler here")
+
+
+def quantized(n: int, k: int, qtype: Q, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random [n, k] weights as (GGUF blocks [n, bytes], the dequantized float32 matrix gguf gives)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    w[0] *= 1e-6  # NOTE: a row whose float16 scale is subnormal
+    w[1] += 3.0  # and one whose Q4_1 offset is far from zero
+    data = gguf.quants.quantize(w, qtype)
+    return torch.from_numpy(data.reshape(n, -1).copy()), torch.from_numpy(gguf.quants.dequantize(data, qtype))
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_each_weight_is_the_float32_value_gguf_dequantizes_to(qtype: Q) -> None:
+    blocks, dense = quantized(37, 96, qtype)
+    # x = I reads the matrix back: out[m, n] = W[n, m] exactly, as every other product is zero.
+    assert torch.equal(native.quant_linear(torch.eye(96), int(qtype), blocks, 37), dense.T)
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 64, 65, 200])
+def test_matches_f_linear_on_the_dequantized_matrix(qtype: Q, rows: int) -> None:
+    blocks, dense = quantized(203, 160, qtype, seed=rows)  # NOTE: 203 outputs: a partial last tile
+    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows))
+    torch.testing.assert_close(native.quant_linear(x, int(qtype), blocks, 203), F.linear(x, dense), rtol=1e-5, atol=1e-4)
+
+
+def test_takes_strided_rows_and_any_leading_shape() -> None:
+    blocks, dense = quantized(40, 64, Q.Q4_1)
+    wide = torch.randn(2, 5, 100)
+    x = wide[..., 10:74]  # rows 100 floats apart
+    out = native.quant_linear(x, int(Q.Q4_1), blocks, 40)
+    assert out.shape == (2, 5, 40)
+    torch.testing.assert_close(out, F.linear(x, dense), rtol=1e-5, atol=1e-4)
+    assert native.quant_linear(torch.empty(0, 64), int(Q.Q4_1), blocks, 40).shape == (0, 40)
+
+
+def test_refuses_what_it_cannot_read() -> None:
+    blocks, _ = quantized(8, 64, Q.Q4_1)
+    with pytest.raises(ValueError, match="not a type the kernel handles"):
+        native.quant_linear(torch.randn(2, 64), int(Q.Q4_K), blocks, 8)
+    with pytest.raises(ValueError, match="multiple of 32 and match the row size"):
+        native.quant_linear(torch.randn(2, 96), int(Q.Q4_1), blocks, 8)
+    with pytest.raises(ValueError, match="need float32 x"):
+        native.quant_linear(torch.randn(2, 64, dtype=torch.float64), int(Q.Q4_1), blocks, 8)
+    with pytest.raises(ValueError, match=r"need \[9, bytes per row\]"):
+        native.quant_linear(torch.randn(2, 64), int(Q.Q4_1), blocks, 9)
+    assert native.quant_block_bytes(int(Q.Q4_1)) == 20 and native.quant_block_bytes(int(Q.Q4_K)) == 0
+
+
+def test_gguf_linear_reads_blocks_for_few_rows_and_the_dense_layer_for_many() -> None:
+    blocks, dense_w = quantized(48, 64, Q.Q8_0)
+    dense = torch.nn.Linear(64, 48, bias=False)
+    dense.weight.data = dense_w
+    layer = GGUFLinear(dense, int(Q.Q8_0), blocks, 64, 48)
+    calls: list[int] = []
+    dense.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    for rows in (1, MAX_BLOCK_ROWS, MAX_BLOCK_ROWS + 1):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(layer(x), F.linear(x, dense_w), rtol=1e-5, atol=1e-4)
+    assert calls == [MAX_BLOCK_ROWS + 1]
+
+
+def test_use_gguf_blocks_wraps_only_layers_the_blocks_fit() -> None:
+    blocks, _ = quantized(16, 64, Q.Q4_0)
+    model = torch.nn.ModuleDict(
+        {"fits": torch.nn.Linear(64, 16, bias=False), "biased": torch.nn.Linear(64, 16), "wrong_shape": torch.nn.Linear(64, 8, bias=False)}
+    )
+    found = {name: (int(Q.Q4_0), blocks) for name in ("fits", "biased", "wrong_shape")}
+    found["unknown_type"] = (int(Q.Q4_K), blocks)
+    assert use_gguf_blocks(model, found) == 1
+    assert isinstance(model["fits"], GGUFLinear)
+    assert not any(isinstance(model[name], GGUFLinear) for name in ("biased", "wrong_shape"))
+
+
+# ---- blocks from a checkpoint ------------------------------------------------------------------
+
+
+def dense_from_blocks(ggml_type: int, blocks: torch.Tensor, in_features: int) -> torch.Tensor:
+    return native.quant_linear(torch.eye(in_features), ggml_type, blocks, blocks.shape[0]).T
+
+
+def test_the_default_model_hands_over_blocks_for_every_matmul_row_for_row() -> None:
+    # NOTE: a model of its own: the hand-over empties the model's store.
+    model = load_model(None, dtype="float32", device="cpu", progress=False).model
+    found = model.gguf_linear_blocks()
+    per_layer = {f"layers.{i}.{m}" for i in range(model.config.num_layers) for m in
+                 ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}  # fmt: skip
+    assert set(found) == per_layer | {"lm_head"}
+    assert found["lm_head"][0] == int(Q.Q8_0) and found["layers.0.mlp.down_proj"][0] == int(Q.Q4_1)
+    # Fused q/k/v (q and k un-permuted from llama.cpp's order) and the tied LM head: each block
+    # row is the dense weight's row.
+    for path in ("layers.0.self_attn.qkv_proj", "layers.29.mlp.gate_up_proj", "lm_head"):
+        ggml_type, blocks = found[path]
+        weight = model.get_submodule(path).weight
+        assert torch.equal(dense_from_blocks(ggml_type, blocks, weight.shape[1]), weight), path
+    assert model.gguf_linear_blocks() == {}
+
+
+def test_blocks_are_kept_only_when_every_shard_has_one_type(tmp_path: Path, make_tiny_hf_llama: Any) -> None:
+    hf_model = make_tiny_hf_llama(tmp_path / "hf", tied=False, seed=5)
+    # The value projection stays float32, so the fused q/k/v has no blocks of one type.
+    v = hf_model.model.layers[0].self_attn.v_proj.weight.detach().float().numpy()
+    stored = write_llama_gguf(tmp_path / "tiny.gguf", hf_model, Q.Q8_0, override={"blk.0.attn_v.weight": v})
+    model = load_gguf(tmp_path / "tiny.gguf", torch.float32, CPU, progress=False).model
+    found = model.gguf_linear_blocks()
+    assert "layers.0.self_attn.qkv_proj" not in found
+    assert {"layers.0.self_attn.o_proj", "layers.0.mlp.gate_up_proj", "lm_head"} <= set(found)
+    assert torch.equal(dense_from_blocks(*found["lm_head"], hf_model.config.hidden_size), stored["lm_head.weight"])
+    # Wrapped, the model computes what it computed dense (decode-sized rows read the blocks).
+    before = logits(model, IDS[:4])
+    assert use_gguf_blocks(model, found) == len(found)
+    assert isinstance(model.lm_head, GGUFLinear)
+    torch.testing.assert_close(logits(model, IDS[:4]), before, rtol=1e-4, atol=1e-4)
+
+
+def test_no_blocks_are_kept_for_a_bfloat16_model(tmp_path: Path, make_tiny_hf_llama: Any) -> None:
+    write_llama_gguf(tmp_path / "tiny.gguf", make_tiny_hf_llama(tmp_path / "hf", tied=True), Q.Q4_1)
+    model = load_gguf(tmp_path / "tiny.gguf", torch.bfloat16, CPU, progress=False).model
+    assert model.gguf_linear_blocks() == {}
