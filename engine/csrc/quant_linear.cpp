@@ -66,49 +66,64 @@ float half_to_float(const uint8_t* p) {
 #endif
 }
 
-// Writes the 32 weights of one block to dst (low nibbles are elements 0-15, high nibbles 16-31).
-void dequantize_block(int type, const uint8_t* b, float* dst) {
-  const float d = half_to_float(b);
 #ifdef TW_AVX2
-  const __m256 vd = _mm256_set1_ps(d);
-  if (type == kQ8_0) {
+// The 32 weights of one block as four vectors, in order (low nibbles are elements 0-15, high
+// nibbles 16-31).
+template <int Type>
+inline void dequantize_block(const uint8_t* b, __m256 v[4]) {
+  const __m256 d = _mm256_set1_ps(half_to_float(b));
+  if constexpr (Type == kQ8_0) {
     for (int i = 0; i < 4; ++i) {
       const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * i));
-      _mm256_storeu_ps(dst + 8 * i, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8))));
+      v[i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
     }
-    return;
-  }
-  const uint8_t* qs = b + (type == kQ4_1 ? 4 : 2);
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i halves[2] = {_mm_and_si128(bytes, mask), _mm_and_si128(_mm_srli_epi16(bytes, 4), mask)};
-  const __m256 offset = _mm256_set1_ps(type == kQ4_1 ? half_to_float(b + 2) : 0.f);
-  const __m256i minus8 = _mm256_set1_epi32(type == kQ4_0 ? 8 : 0);
-  for (int h = 0; h < 2; ++h) {
-    for (int i = 0; i < 2; ++i) {
-      const __m128i q8 = i ? _mm_srli_si128(halves[h], 8) : halves[h];
-      const __m256 q = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(q8), minus8));
-      _mm256_storeu_ps(dst + 16 * h + 8 * i, _mm256_fmadd_ps(vd, q, offset));
+  } else {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (Type == kQ4_1 ? 4 : 2)));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i halves[2] = {_mm_and_si128(bytes, mask), _mm_and_si128(_mm_srli_epi16(bytes, 4), mask)};
+    for (int h = 0; h < 2; ++h) {
+      for (int i = 0; i < 2; ++i) {
+        __m256i q = _mm256_cvtepu8_epi32(i ? _mm_srli_si128(halves[h], 8) : halves[h]);
+        if constexpr (Type == kQ4_0) {
+          q = _mm256_sub_epi32(q, _mm256_set1_epi32(8));
+          v[2 * h + i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(q));
+        } else {
+          v[2 * h + i] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q), _mm256_set1_ps(half_to_float(b + 2)));
+        }
+      }
     }
   }
-#else
-  if (type == kQ8_0) {
-    for (int i = 0; i < 32; ++i) dst[i] = d * static_cast<float>(static_cast<int8_t>(b[2 + i]));
-    return;
-  }
-  const uint8_t* qs = b + (type == kQ4_1 ? 4 : 2);
-  const float m = type == kQ4_1 ? half_to_float(b + 2) : 0.f;
-  const int shift = type == kQ4_0 ? 8 : 0;
-  for (int i = 0; i < 16; ++i) {
-    dst[i] = d * static_cast<float>((qs[i] & 0x0F) - shift) + m;
-    dst[i + 16] = d * static_cast<float>((qs[i] >> 4) - shift) + m;
-  }
-#endif
 }
 
-void dequantize_row(int type, const uint8_t* row, int64_t k, float* dst) {
-  const int64_t bytes = block_bytes(type);
-  for (int64_t b = 0; b < k / kBlock; ++b) dequantize_block(type, row + b * bytes, dst + b * kBlock);
+template <int Type>
+inline void dequantize_block(const uint8_t* b, float* dst) {
+  __m256 v[4];
+  dequantize_block<Type>(b, v);
+  for (int i = 0; i < 4; ++i) _mm256_storeu_ps(dst + 8 * i, v[i]);
+}
+#else
+// Writes the 32 weights of one block to dst (low nibbles are elements 0-15, high nibbles 16-31).
+template <int Type>
+void dequantize_block(const uint8_t* b, float* dst) {
+  const float d = half_to_float(b);
+  if constexpr (Type == kQ8_0) {
+    for (int i = 0; i < 32; ++i) dst[i] = d * static_cast<float>(static_cast<int8_t>(b[2 + i]));
+  } else {
+    const uint8_t* qs = b + (Type == kQ4_1 ? 4 : 2);
+    const float m = Type == kQ4_1 ? half_to_float(b + 2) : 0.f;
+    const int shift = Type == kQ4_0 ? 8 : 0;
+    for (int i = 0; i < 16; ++i) {
+      dst[i] = d * static_cast<float>((qs[i] & 0x0F) - shift) + m;
+      dst[i + 16] = d * static_cast<float>((qs[i] >> 4) - shift) + m;
+    }
+  }
+}
+#endif
+
+template <int Type>
+void dequantize_row(const uint8_t* row, int64_t k, float* dst) {
+  const int64_t bytes = block_bytes(Type);
+  for (int64_t b = 0; b < k / kBlock; ++b) dequantize_block<Type>(row + b * bytes, dst + b * kBlock);
 }
 
 #ifdef TW_AVX2
@@ -138,6 +153,29 @@ inline void tile_dot(const float* x, int64_t x_stride, const float* w, int64_t k
     for (int r = 0; r < rows; ++r) out[m * out_stride + r] = sums[r];
   }
 }
+
+// tile_dot<1> for a full tile straight from the blocks, without the dequantized copy: one row of x
+// (a decode step alone) does too little arithmetic per weight to pay for storing and reloading it.
+// The same products summed in the same order as tile_dot<1>, so the result is bit for bit the same.
+template <int Type>
+inline void tile_dot_blocks(const float* x, const uint8_t* w, int64_t row_bytes, int64_t k, float* out) {
+  const int64_t bytes = block_bytes(Type);
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  __m256 v[4];
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    const float* xb = x + b * kBlock;
+    const uint8_t* wb = w + b * bytes;
+#define TW_ROW_BLOCK(r)                                                          \
+  dequantize_block<Type>(wb + r * row_bytes, v);                                \
+  for (int i = 0; i < 4; ++i) a##r = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8 * i), v[i], a##r);
+    TW_ROW_BLOCK(0)
+    TW_ROW_BLOCK(1)
+    TW_ROW_BLOCK(2)
+    TW_ROW_BLOCK(3)
+#undef TW_ROW_BLOCK
+  }
+  _mm_storeu_ps(out, sum4(a0, a1, a2, a3));
+}
 #else
 template <int MR>
 inline void tile_dot(const float* x, int64_t x_stride, const float* w, int64_t k, float* out, int64_t out_stride,
@@ -166,8 +204,9 @@ int64_t chunk_rows(int64_t m_rows, int64_t k) {
   return (rows + kXRows - 1) / kXRows * kXRows;
 }
 
-void linear(int type, const float* x, int64_t x_stride, int64_t m_rows, int64_t k, const uint8_t* w,
-            int64_t row_bytes, int64_t n, float* out, int64_t out_stride, int num_threads) {
+template <int Type>
+void linear(const float* x, int64_t x_stride, int64_t m_rows, int64_t k, const uint8_t* w, int64_t row_bytes,
+            int64_t n, float* out, int64_t out_stride, int num_threads) {
   const int64_t tiles = (n + kTileRows - 1) / kTileRows;
 #pragma omp parallel num_threads(num_threads) if (tiles > 1)
   {
@@ -180,7 +219,13 @@ void linear(int type, const float* x, int64_t x_stride, int64_t m_rows, int64_t 
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t n0 = t * kTileRows;
         const int rows = static_cast<int>(n - n0 < kTileRows ? n - n0 : kTileRows);
-        for (int r = 0; r < rows; ++r) dequantize_row(type, w + (n0 + r) * row_bytes, k, tile.data() + r * k);
+#ifdef TW_AVX2
+        if (m1 - m0 == 1 && rows == kTileRows) {
+          tile_dot_blocks<Type>(x + m0 * x_stride, w + n0 * row_bytes, row_bytes, k, out + m0 * out_stride + n0);
+          continue;
+        }
+#endif
+        for (int r = 0; r < rows; ++r) dequantize_row<Type>(w + (n0 + r) * row_bytes, k, tile.data() + r * k);
         int64_t m = m0;
         for (; m + kXRows <= m1; m += kXRows)
           tile_dot<kXRows>(x + m * x_stride, x_stride, tile.data(), k, out + m * out_stride + n0, out_stride, rows);
@@ -205,7 +250,17 @@ int tw_quant_linear(int type, const float* x, int64_t x_stride, int64_t m_rows, 
   if (bytes == 0) return 1;
   if (k % kBlock != 0 || row_bytes != k / kBlock * bytes) return 2;
   if (m_rows <= 0 || n <= 0) return 0;
-  linear(type, x, x_stride, m_rows, k, static_cast<const uint8_t*>(w), row_bytes, n, out, out_stride, num_threads);
+  const uint8_t* blocks = static_cast<const uint8_t*>(w);
+  switch (type) {
+    case kQ4_0:
+      linear<kQ4_0>(x, x_stride, m_rows, k, blocks, row_bytes, n, out, out_stride, num_threads);
+      break;
+    case kQ4_1:
+      linear<kQ4_1>(x, x_stride, m_rows, k, blocks, row_bytes, n, out, out_stride, num_threads);
+      break;
+    default:
+      linear<kQ8_0>(x, x_stride, m_rows, k, blocks, row_bytes, n, out, out_stride, num_threads);
+  }
   return 0;
 }
 

@@ -7,9 +7,10 @@ from torch import nn
 
 from tokenwire.engine import native
 
-# NOTE: up to this many rows the block kernel is faster than the dense float32 matmul; above it the
-# dense matmul wins. Measured on a 2-core AVX2 EPYC over the default model's 30 layers and LM head
-# (benchmarks/gguf_linear.py): 2.2x at 1 row, 1.7-1.8x at 2-5, 1.2-1.3x at 8-64, 0.94x at 128.
+# NOTE: up to this many rows the block kernel is as fast as the dense float32 matmul or faster;
+# above it the dense matmul wins. Measured on a 2-core AVX2 EPYC over the default model's 30 layers
+# and LM head (benchmarks/gguf_linear.py): 2.4x at 1 row, 1.6-1.75x at 2-4, 1.35x at 16, 0.9-1.2x
+# at 24-64 (noisy), 0.86x at 96.
 MAX_BLOCK_ROWS = 64
 
 

@@ -53,6 +53,18 @@ def test_matches_f_linear_on_the_dequantized_matrix(qtype: Q, rows: int) -> None
     torch.testing.assert_close(native.quant_linear(x, int(qtype), blocks, 203), F.linear(x, dense), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_a_row_gives_the_same_bits_alone_and_in_any_batch(qtype: Q) -> None:
+    # One row alone takes a path of its own (no dequantized copy); every path sums the same
+    # products in the same order, so a sequence's logits do not depend on its batch companions.
+    blocks, _ = quantized(64, 576, qtype)
+    x = torch.randn(200, 576, generator=torch.Generator().manual_seed(1))
+    alone = torch.cat([native.quant_linear(x[i : i + 1], int(qtype), blocks, 64) for i in range(0, 200, 7)])
+    for rows in (2, 3, 64, 200):
+        batch = native.quant_linear(x[:rows], int(qtype), blocks, 64)
+        assert torch.equal(batch[0:rows:7], alone[: len(range(0, rows, 7))]), rows
+
+
 def test_takes_strided_rows_and_any_leading_shape() -> None:
     blocks, dense = quantized(40, 64, Q.Q4_1)
     wide = torch.randn(2, 5, 100)
