@@ -4,6 +4,13 @@
 #include <cstdint>
 #include <cstring>
 
+// Hand-written AVX2 paths where the build targets AVX2 with FMA and F16C (x86-64-v3); portable
+// loops elsewhere.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define TW_AVX2 1
+#endif
+
 namespace tw {
 
 constexpr int kFloat32 = 0;

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -24,17 +25,176 @@ using tw::store;
 using tw::to_float;
 constexpr int kAbiVersion = 4;
 
-// Calls fn(row, t) for positions t = 0..len-1 of one sequence, with row pointing at position t's
-// entry in the pool, walking the block table in order.
-template <typename T, typename Fn>
-inline void for_each_token(const T* pool, const int64_t* table, int64_t len, int64_t block_size,
-                           int64_t token_stride, Fn&& fn) {
-  const int64_t block_stride = block_size * token_stride;
-  for (int64_t b = 0, t = 0; t < len; ++b) {
-    const T* block = pool + table[b] * block_stride;
-    const int64_t n = std::min(block_size, len - t);
-    for (int64_t o = 0; o < n; ++o, ++t) fn(block + o * token_stride, t);
+// Pool offsets (in elements) of positions 0..len-1 of one sequence, from its block table.
+inline void token_offsets(const int64_t* table, int64_t len, int64_t block_size, int64_t token_stride,
+                          std::vector<int64_t>& offsets) {
+  offsets.resize(static_cast<size_t>(len));
+  for (int64_t t = 0; t < len; ++t) offsets[t] = (table[t / block_size] * block_size + t % block_size) * token_stride;
+}
+
+// The pieces of one task: `rows` query heads (qf, scaled, float32), query head r reading KV head
+// r / group at column (r / group) * D of each token's row (pool + offsets[t]).
+struct Task {
+  const float* qf;
+  const int64_t* offsets;
+  int64_t len, rows, group, D;
+};
+
+// scores[r, t] = q[r] . k[t], the generic form.
+template <typename T>
+void key_scores(const Task& task, const T* keys, float* scores) {
+  for (int64_t t = 0; t < task.len; ++t) {
+    const T* k_row = keys + task.offsets[t];
+    for (int64_t r = 0; r < task.rows; ++r) {
+      const T* k = k_row + (r / task.group) * task.D;
+      const float* qr = task.qf + r * task.D;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < task.D; ++d) dot += qr[d] * to_float(k[d]);
+      scores[r * task.len + t] = dot;
+    }
   }
+}
+
+// acc[r] = sum over t of p[r, t] v[t], the generic form.
+template <typename T>
+void weighted_values(const Task& task, const T* values, const float* probs, float* acc) {
+  std::fill(acc, acc + task.rows * task.D, 0.f);
+  for (int64_t t = 0; t < task.len; ++t) {
+    const T* v_row = values + task.offsets[t];
+    for (int64_t r = 0; r < task.rows; ++r) {
+      const T* v = v_row + (r / task.group) * task.D;
+      const float p = probs[r * task.len + t];
+      float* a = acc + r * task.D;
+#pragma omp simd
+      for (int64_t d = 0; d < task.D; ++d) a[d] += p * to_float(v[d]);
+    }
+  }
+}
+
+#ifdef TW_AVX2
+// [sum(a0), ..., sum(a7)]: eight dot products finished with one reduction instead of eight.
+inline __m256 sum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+  const __m256 lo4 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  const __m256 hi4 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo4, hi4, 0x20), _mm256_permute2f128_ps(lo4, hi4, 0x31));
+}
+
+// float32 keys with D a multiple of 8: eight tokens at a time, so that eight independent dot
+// products are in flight and share one reduction.
+void key_scores_avx2(const Task& task, const float* keys, float* scores) {
+  const int64_t D = task.D;
+  for (int64_t t0 = 0; t0 < task.len; t0 += 8) {
+    const int64_t n = std::min<int64_t>(8, task.len - t0);
+    const float* k[8];
+    for (int i = 0; i < 8; ++i) k[i] = keys + task.offsets[t0 + (i < n ? i : 0)];
+    for (int64_t r = 0; r < task.rows; ++r) {
+      const int64_t col = (r / task.group) * D;
+      const float* qr = task.qf + r * D;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(qr + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[0] + col + d), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[1] + col + d), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[2] + col + d), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[3] + col + d), a3);
+        a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[4] + col + d), a4);
+        a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[5] + col + d), a5);
+        a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[6] + col + d), a6);
+        a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[7] + col + d), a7);
+      }
+      const __m256 dots = sum8(a0, a1, a2, a3, a4, a5, a6, a7);
+      float* dst = scores + r * task.len + t0;
+      if (n == 8) {
+        _mm256_storeu_ps(dst, dots);
+      } else {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, dots);
+        std::copy(tmp, tmp + n, dst);
+      }
+    }
+  }
+}
+
+// float32 values with D a multiple of 8: 64 columns of one query head's output in eight registers
+// while the tokens stream past (a task's values stay in L2 for its other query heads).
+void weighted_values_avx2(const Task& task, const float* values, const float* probs, float* acc) {
+  const int64_t D = task.D;
+  for (int64_t r = 0; r < task.rows; ++r) {
+    const float* p = probs + r * task.len;
+    for (int64_t c0 = 0; c0 < D; c0 += 64) {
+      const int64_t col = (r / task.group) * D + c0;
+      const int64_t width = std::min<int64_t>(64, D - c0);
+      float* a = acc + r * D + c0;
+      if (width < 64) {  // a head size that is not a multiple of 64: the generic loop
+        std::fill(a, a + width, 0.f);
+        for (int64_t t = 0; t < task.len; ++t) {
+          const float* v = values + task.offsets[t] + col;
+          for (int64_t d = 0; d < width; ++d) a[d] += p[t] * v[d];
+        }
+        continue;
+      }
+      __m256 c0v = _mm256_setzero_ps(), c1 = c0v, c2 = c0v, c3 = c0v, c4 = c0v, c5 = c0v, c6 = c0v, c7 = c0v;
+      for (int64_t t = 0; t < task.len; ++t) {
+        const float* v = values + task.offsets[t] + col;
+        const __m256 pv = _mm256_broadcast_ss(p + t);
+        c0v = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v), c0v);
+        c1 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8), c1);
+        c2 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 16), c2);
+        c3 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 24), c3);
+        c4 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 32), c4);
+        c5 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 40), c5);
+        c6 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 48), c6);
+        c7 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 56), c7);
+      }
+      _mm256_storeu_ps(a, c0v);
+      _mm256_storeu_ps(a + 8, c1);
+      _mm256_storeu_ps(a + 16, c2);
+      _mm256_storeu_ps(a + 24, c3);
+      _mm256_storeu_ps(a + 32, c4);
+      _mm256_storeu_ps(a + 40, c5);
+      _mm256_storeu_ps(a + 48, c6);
+      _mm256_storeu_ps(a + 56, c7);
+    }
+  }
+}
+#endif
+
+// Softmax of each row of scores [rows, len] in place (subtracting the row's maximum keeps exp in range).
+inline void softmax_rows(float* scores, int64_t rows, int64_t len) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = scores + r * len;
+    float m = row[0];
+    for (int64_t t = 1; t < len; ++t) m = std::max(m, row[t]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < len; ++t) {
+      row[t] = std::exp(row[t] - m);
+      sum += row[t];
+    }
+    const float inv = 1.f / sum;
+#pragma omp simd
+    for (int64_t t = 0; t < len; ++t) row[t] *= inv;
+  }
+}
+
+// One task's attention: scores, softmax, weighted values. Each key and each value is read from
+// memory once, for every query head of its group.
+template <typename T>
+void attend(const Task& task, const T* keys, const T* values, float* scores, float* acc) {
+#ifdef TW_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (task.D % 8 == 0) {
+      key_scores_avx2(task, keys, scores);
+      softmax_rows(scores, task.rows, task.len);
+      weighted_values_avx2(task, values, scores, acc);
+      return;
+    }
+  }
+#endif
+  key_scores(task, keys, scores);
+  softmax_rows(scores, task.rows, task.len);
+  weighted_values(task, values, scores, acc);
 }
 
 template <typename T>
@@ -53,57 +213,21 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int6
   const int64_t rows = heads_per_task * group;  // query heads of one task
 #pragma omp parallel num_threads(num_threads)
   {
-    // Per thread: the task's queries in float32, a row of scores per query head, accumulators.
+    // Per thread: the task's queries in float32, its tokens' pool offsets, a row of scores per
+    // query head, accumulators.
     std::vector<float> qf(rows * D), scores, acc(rows * D);
+    std::vector<int64_t> offsets;
     // Sequences come longest first (the runner orders them), which the dynamic schedule balances.
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < num_seqs * tasks_per_seq; ++task) {
-      const int64_t s = task / tasks_per_seq, h0 = (task % tasks_per_seq) * heads_per_task;
+    for (int64_t task_id = 0; task_id < num_seqs * tasks_per_seq; ++task_id) {
+      const int64_t s = task_id / tasks_per_seq, h0 = (task_id % tasks_per_seq) * heads_per_task;
       const int64_t len = context_lens[s];
-      const int64_t* table = block_tables + s * table_stride;
       const T* qs = q + (s * num_q_heads + h0 * group) * D;
       for (int64_t i = 0; i < rows * D; ++i) qf[i] = to_float(qs[i]) * scale;
+      token_offsets(block_tables + s * table_stride, len, block_size, token_stride, offsets);
       scores.resize(static_cast<size_t>(rows * len));
-
-      // Scores: each key is read once, for every query head of its group.
-      for_each_token(k_cache + h0 * D, table, len, block_size, token_stride, [&](const T* k_row, int64_t t) {
-        for (int64_t r = 0; r < rows; ++r) {
-          const T* k = k_row + (r / group) * D;
-          const float* qr = qf.data() + r * D;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) dot += qr[d] * to_float(k[d]);
-          scores[r * len + t] = dot;
-        }
-      });
-
-      // Softmax per query head (subtracting the row's maximum keeps exp in range).
-      for (int64_t r = 0; r < rows; ++r) {
-        float* row = scores.data() + r * len;
-        float m = row[0];
-        for (int64_t t = 1; t < len; ++t) m = std::max(m, row[t]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < len; ++t) {
-          row[t] = std::exp(row[t] - m);
-          sum += row[t];
-        }
-        const float inv = 1.f / sum;
-#pragma omp simd
-        for (int64_t t = 0; t < len; ++t) row[t] *= inv;
-      }
-
-      // Weighted sum of values, each value read once.
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for_each_token(v_cache + h0 * D, table, len, block_size, token_stride, [&](const T* v_row, int64_t t) {
-        for (int64_t r = 0; r < rows; ++r) {
-          const T* v = v_row + (r / group) * D;
-          const float p = scores[r * len + t];
-          float* a = acc.data() + r * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) a[d] += p * to_float(v[d]);
-        }
-      });
+      const Task task{qf.data(), offsets.data(), len, rows, group, D};
+      attend(task, k_cache + h0 * D, v_cache + h0 * D, scores.data(), acc.data());
       T* o = out + (s * num_q_heads + h0 * group) * D;
       for (int64_t i = 0; i < rows * D; ++i) store(acc[i], o + i);
     }

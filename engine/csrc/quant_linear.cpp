@@ -14,10 +14,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define TW_AVX2 1
-#endif
+#include "common.h"
 
 namespace {
 

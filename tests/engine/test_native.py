@@ -65,11 +65,14 @@ def random_case(seed: int, h_q: int, h_kv: int, d: int, block_size: int, dtype: 
 
 @pytest.mark.parametrize(
     ("h_q", "h_kv", "d", "block_size"),
-    [(9, 3, 64, 16), (4, 4, 32, 4), (8, 1, 16, 1), (6, 2, 80, 32)],
-    ids=["gqa3-d64", "mha", "mqa-bs1", "d80"],
+    [(9, 3, 64, 16), (4, 4, 32, 4), (8, 1, 16, 1), (6, 2, 80, 32), (8, 2, 128, 16), (4, 2, 36, 8)],
+    ids=["gqa3-d64", "mha", "mqa-bs1", "d80", "d128", "d36-not-a-multiple-of-8"],
 )
-def test_float32_matches_sdpa(kernel: native.DecodeKernel, h_q: int, h_kv: int, d: int, block_size: int) -> None:
-    q, kc, vc, tables, padded, lens = random_case(h_q * d + block_size, h_q, h_kv, d, block_size, torch.float32)
+@pytest.mark.parametrize("num_seqs", [12, 1], ids=["task-per-sequence", "task-per-head"])
+def test_float32_matches_sdpa(
+    kernel: native.DecodeKernel, h_q: int, h_kv: int, d: int, block_size: int, num_seqs: int
+) -> None:
+    q, kc, vc, tables, padded, lens = random_case(h_q * d + block_size, h_q, h_kv, d, block_size, torch.float32, num_seqs)
     scale = d**-0.5
     out = kernel(q, kc, vc, padded, torch.tensor(lens), scale)
     torch.testing.assert_close(out, reference(q, kc, vc, tables, lens, scale), rtol=1e-5, atol=1e-5)
