@@ -314,6 +314,10 @@ class LlamaForCausalLM(nn.Module):
             "mlp.gate_up_proj.weight": (mlp.intermediate_size, mlp.intermediate_size),
         }
 
+    def _num_shards(self, param_name: str) -> int:
+        """How many checkpoint tensors fill a parameter: one per shard of a fused one, else one."""
+        return next((len(rows) for suffix, rows in self._shard_rows().items() if param_name.endswith(suffix)), 1)
+
     def _destination(self, raw_name: str, params: dict[str, nn.Parameter]) -> tuple[str, int | None, slice] | None:
         """Where a checkpoint tensor goes: (parameter, shard index or None, rows), or None to skip it.
 
@@ -351,12 +355,8 @@ class LlamaForCausalLM(nn.Module):
             ValueError: an unknown name, a shape that does not match, or weights left unloaded.
         """
         params = dict(self.named_parameters())
-        shard_rows = self._shard_rows()
         # Parameter name -> shards not loaded yet (one shard, 0, for a plain parameter).
-        pending: dict[str, set[int]] = {}
-        for name in params:
-            fused = next((f for f in shard_rows if name.endswith(f)), None)
-            pending[name] = set(range(len(shard_rows[fused]) if fused else 1))
+        pending = {name: set(range(self._num_shards(name))) for name in params}
         for raw_name, tensor in weights:
             where = self._destination(raw_name, params)
             if where is None:
@@ -396,11 +396,9 @@ class LlamaForCausalLM(nn.Module):
         A fused weight qualifies when every shard came as blocks of one type. Hands the blocks
         over: a second call returns nothing.
         """
-        shard_rows = self._shard_rows()
         found: dict[str, tuple[int, torch.Tensor]] = {}
         for target, parts in self._gguf_parts.items():
-            fused = next((f for f in shard_rows if target.endswith(f)), None)
-            if len(parts) != (len(shard_rows[fused]) if fused else 1) or len({t for t, _ in parts.values()}) != 1:
+            if len(parts) != self._num_shards(target) or len({t for t, _ in parts.values()}) != 1:
                 continue
             blocks = torch.cat([parts[i][1] for i in sorted(parts)]) if len(parts) > 1 else parts[0][1]
             entry = (next(iter(parts.values()))[0], blocks.contiguous())
