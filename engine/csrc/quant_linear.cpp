@@ -151,27 +151,37 @@ inline void tile_dot(const float* x, int64_t x_stride, const float* w, int64_t k
   }
 }
 
-// tile_dot<1> for a full tile straight from the blocks, without the dequantized copy: one row of x
-// (a decode step alone) does too little arithmetic per weight to pay for storing and reloading it.
-// The same products summed in the same order as tile_dot<1>, so the result is bit for bit the same.
-template <int Type>
-inline void tile_dot_blocks(const float* x, const uint8_t* w, int64_t row_bytes, int64_t k, float* out) {
+// tile_dot<MR> (MR <= 3) for a full tile straight from the blocks, without the dequantized copy:
+// a few rows of x (a decode step alone, or of a few sequences) do too little arithmetic per weight
+// to pay for storing and reloading it. The same products summed in the same order as tile_dot, so
+// the result is bit for bit the same.
+template <int Type, int MR>
+inline void tile_dot_blocks(const float* x, int64_t x_stride, const uint8_t* w, int64_t row_bytes, int64_t k,
+                            float* out, int64_t out_stride) {
+  static_assert(MR >= 1 && MR <= 3, "12 accumulators and 4 weight vectors fill the 16 registers");
   const int64_t bytes = block_bytes(Type);
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  const __m256 z = _mm256_setzero_ps();
+  __m256 a00 = z, a01 = z, a02 = z, a03 = z, a10 = z, a11 = z, a12 = z, a13 = z, a20 = z, a21 = z, a22 = z, a23 = z;
   __m256 v[4];
   for (int64_t b = 0; b < k / kBlock; ++b) {
     const float* xb = x + b * kBlock;
     const uint8_t* wb = w + b * bytes;
-#define TW_ROW_BLOCK(r)                                                          \
-  dequantize_block<Type>(wb + r * row_bytes, v);                                \
-  for (int i = 0; i < 4; ++i) a##r = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8 * i), v[i], a##r);
+#define TW_ROW_BLOCK(r)                                                                                       \
+  dequantize_block<Type>(wb + r * row_bytes, v);                                                             \
+  for (int i = 0; i < 4; ++i) {                                                                              \
+    a0##r = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8 * i), v[i], a0##r);                                       \
+    if constexpr (MR > 1) a1##r = _mm256_fmadd_ps(_mm256_loadu_ps(xb + x_stride + 8 * i), v[i], a1##r);      \
+    if constexpr (MR > 2) a2##r = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 2 * x_stride + 8 * i), v[i], a2##r);  \
+  }
     TW_ROW_BLOCK(0)
     TW_ROW_BLOCK(1)
     TW_ROW_BLOCK(2)
     TW_ROW_BLOCK(3)
 #undef TW_ROW_BLOCK
   }
-  _mm_storeu_ps(out, sum4(a0, a1, a2, a3));
+  _mm_storeu_ps(out, sum4(a00, a01, a02, a03));
+  if constexpr (MR > 1) _mm_storeu_ps(out + out_stride, sum4(a10, a11, a12, a13));
+  if constexpr (MR > 2) _mm_storeu_ps(out + 2 * out_stride, sum4(a20, a21, a22, a23));
 }
 #else
 template <int MR>
@@ -190,6 +200,8 @@ inline void tile_dot(const float* x, int64_t x_stride, const float* w, int64_t k
 
 // Rows of x per micro-tile: 3 x 4 accumulators fill 12 of AVX2's 16 registers.
 constexpr int kXRows = 3;
+// Up to this many rows of x, tiles are multiplied straight from the blocks (tile_dot_blocks).
+constexpr int64_t kBlockRows = 3;
 // Rows of x multiplied by a tile while it is dequantized: about 256 KB of x, so that it stays in
 // L2, and at least 24 rows, so that dequantizing stays a small part of the work. Chunks are of
 // equal size, so that 64 rows are one chunk rather than 63 and 1.
@@ -217,8 +229,13 @@ void linear(const float* x, int64_t x_stride, int64_t m_rows, int64_t k, const u
         const int64_t n0 = t * kTileRows;
         const int rows = static_cast<int>(n - n0 < kTileRows ? n - n0 : kTileRows);
 #ifdef TW_AVX2
-        if (m1 - m0 == 1 && rows == kTileRows) {
-          tile_dot_blocks<Type>(x + m0 * x_stride, w + n0 * row_bytes, row_bytes, k, out + m0 * out_stride + n0);
+        if (m1 - m0 <= kBlockRows && rows == kTileRows) {
+          const float* xm = x + m0 * x_stride;
+          const uint8_t* wt = w + n0 * row_bytes;
+          float* o = out + m0 * out_stride + n0;
+          if (m1 - m0 == 1) tile_dot_blocks<Type, 1>(xm, x_stride, wt, row_bytes, k, o, out_stride);
+          if (m1 - m0 == 2) tile_dot_blocks<Type, 2>(xm, x_stride, wt, row_bytes, k, o, out_stride);
+          if (m1 - m0 == 3) tile_dot_blocks<Type, 3>(xm, x_stride, wt, row_bytes, k, o, out_stride);
           continue;
         }
 #endif
