@@ -9,8 +9,8 @@ from tokenwire.engine import native
 
 # NOTE: up to this many rows the block kernel is as fast as the dense float32 matmul or faster;
 # above it the dense matmul wins. Measured on a 2-core AVX2 EPYC over the default model's 30 layers
-# and LM head (benchmarks/gguf_linear.py): 2.4x at 1 row, 1.6-1.75x at 2-4, 1.35x at 16, 0.9-1.2x
-# at 24-64 (noisy), 0.86x at 96.
+# and LM head (benchmarks/gguf_linear.py): 2.1-2.4x at 1 row, 1.8-1.95x at 2-3, 1.5-1.7x at 4-5,
+# 1.35x at 16, 0.9-1.2x at 24-64 (noisy), 0.86x at 96.
 MAX_BLOCK_ROWS = 64
 
 
