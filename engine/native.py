@@ -306,8 +306,8 @@ def quant_linear(x: torch.Tensor, ggml_type: int, blocks: torch.Tensor, out_feat
     """
     lib = _loaded_library()
     k = x.shape[-1]
-    if x.dtype != torch.float32 or blocks.dtype != torch.uint8 or not blocks.is_contiguous():
-        raise ValueError(f"x {x.dtype}, blocks {blocks.dtype}: need float32 x and contiguous uint8 blocks")
+    if x.dtype != torch.float32 or blocks.dtype != torch.uint8 or not (blocks.is_cpu and blocks.is_contiguous()):
+        raise ValueError(f"x {x.dtype}, blocks {blocks.dtype} on {blocks.device}: need float32 x and contiguous uint8 CPU blocks")
     if blocks.dim() != 2 or blocks.shape[0] != out_features:
         raise ValueError(f"blocks {tuple(blocks.shape)}: need [{out_features}, bytes per row]")
     rows = _rows(x, k)

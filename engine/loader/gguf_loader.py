@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from tokenwire.engine.errors import ModelLoadError
-from tokenwire.engine.native import GGUF_KERNEL_TYPES
 from tokenwire.engine.loader.architecture import Architecture, BuiltModel
 from tokenwire.engine.loader.progress import progress_enabled, track
 from tokenwire.engine.loader.registry import architecture_for_gguf, known_architectures
+from tokenwire.engine.native import GGUF_KERNEL_TYPES
 
 GGUF_MAGIC = b"GGUF"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +160,23 @@ def test_no_blocks_are_kept_for_a_bfloat16_model(tmp_path: Path, make_tiny_hf_ll
     write_llama_gguf(tmp_path / "tiny.gguf", make_tiny_hf_llama(tmp_path / "hf", tied=True), Q.Q4_1)
     model = load_gguf(tmp_path / "tiny.gguf", torch.bfloat16, CPU, progress=False).model
     assert model.gguf_linear_blocks() == {}
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX2 paths exist on x86 only")
+def test_the_portable_build_dequantizes_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # NOTE: a CPU without AVX2 (or another architecture) gets the plain C++ loops; built here at
+    # the x86-64-v2 level, they must give the same bits as gguf.
+    monkeypatch.setenv("TOKENWIRE_KERNEL_DIR", str(tmp_path))
+    flags = [f for f in native.compile_flags() if not f.startswith("-march")] + ["-march=x86-64-v2"]
+    monkeypatch.setattr(native, "compile_flags", lambda: flags)
+    lib = ctypes.CDLL(str(native.build()))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.tw_quant_linear.argtypes, lib.tw_quant_linear.restype = [i32, p, i64, i64, i64, p, i64, i64, p, i64, i32], i32
+    for qtype in KERNEL_TYPES:
+        blocks, dense = quantized(37, 96, qtype)
+        x = torch.eye(96)
+        out = torch.empty(96, 37)
+        rc = lib.tw_quant_linear(
+            int(qtype), x.data_ptr(), 96, 96, 96, blocks.data_ptr(), blocks.shape[1], 37, out.data_ptr(), 37, 2
+        )
+        assert rc == 0 and torch.equal(out, dense.T), qtype.name
