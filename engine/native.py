@@ -24,8 +24,8 @@ _ABI_VERSION = 4
 # Element-type codes of the C entry point.
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _BUILD_TIMEOUT_S = 300
-# GGUF quantization types (ggml's ids) that ``quant_linear`` multiplies from: Q4_0, Q4_1, Q8_0.
-GGUF_KERNEL_TYPES = frozenset({2, 3, 8})
+# GGUF quantization types (ggml's ids) that ``quant_linear`` multiplies from: Q4_0, Q4_1, Q8_0, Q4_K.
+GGUF_KERNEL_TYPES = frozenset({2, 3, 8, 12})
 
 DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 """``(q, k_cache, v_cache, block_tables, context_lens, scale) -> out``, as ``paged_decode_attention``."""
@@ -156,7 +156,7 @@ def _library() -> ctypes.CDLL | None:
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, i32
-        lib.tw_quant_block_bytes.argtypes, lib.tw_quant_block_bytes.restype = [i32], i64
+        lib.tw_quant_row_bytes.argtypes, lib.tw_quant_row_bytes.restype = [i32, i64], i64
         _loaded = lib
         return lib
 
@@ -290,19 +290,20 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out if x.dim() == 2 else out.view(*x.shape[:-1], width)
 
 
-def quant_block_bytes(ggml_type: int) -> int:
-    """Bytes of one 32-weight block of a GGUF quantization type ``quant_linear`` takes, else 0.
+def quant_row_bytes(ggml_type: int, in_features: int) -> int:
+    """Bytes of a row of ``in_features`` weights of a GGUF type ``quant_linear`` takes, else 0.
 
-    The types are ggml's ids: Q4_0 (2), Q4_1 (3), Q8_0 (8).
+    0 also when ``in_features`` is not a whole number of the type's blocks (32 weights; 256 for
+    the K-quants). The types are ggml's ids (``GGUF_KERNEL_TYPES``).
     """
-    return int(_loaded_library().tw_quant_block_bytes(ggml_type))
+    return int(_loaded_library().tw_quant_row_bytes(ggml_type, in_features))
 
 
 def quant_linear(x: torch.Tensor, ggml_type: int, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
     """``x @ W.T`` in float32 for W kept as GGUF blocks: [..., K] -> [..., out_features].
 
-    blocks: [out_features, K / 32 * block bytes] uint8, contiguous, each row one output feature's
-    blocks in GGUF order. Equals ``F.linear(x, dequantized W)`` up to summation order.
+    blocks: [out_features, ``quant_row_bytes(ggml_type, K)``] uint8, contiguous, each row one output
+    feature's blocks in GGUF order. Equals ``F.linear(x, dequantized W)`` up to summation order.
     """
     lib = _loaded_library()
     k = x.shape[-1]
@@ -319,7 +320,7 @@ def quant_linear(x: torch.Tensor, ggml_type: int, blocks: torch.Tensor, out_feat
     if rc != 0:
         raise ValueError(
             f"GGUF type {ggml_type} with K={k} and {blocks.shape[1]} bytes per row: "
-            + ("not a type the kernel handles" if rc == 1 else "K must be a multiple of 32 and match the row size")
+            + ("not a type the kernel handles" if rc == 1 else "K must be a whole number of blocks and match the row size")
         )
     return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
 

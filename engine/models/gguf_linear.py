@@ -58,8 +58,8 @@ def use_gguf_blocks(model: nn.Module, blocks: dict[str, tuple[int, torch.Tensor]
         out_features = getattr(layer, "out_features", None)
         if layer is None or in_features is None or getattr(layer, "bias", None) is not None:
             continue
-        block_bytes = native.quant_block_bytes(ggml_type)
-        if not block_bytes or in_features % 32 or tuple(raw.shape) != (out_features, in_features // 32 * block_bytes):
+        row_bytes = native.quant_row_bytes(ggml_type, in_features)
+        if not row_bytes or tuple(raw.shape) != (out_features, row_bytes):
             continue
         setattr(parent, name, GGUFLinear(layer, ggml_type, raw, in_features, out_features))
         wrapped += 1

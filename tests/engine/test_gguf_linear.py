@@ -21,7 +21,10 @@ from tokenwire.engine.models.gguf_linear import MAX_BLOCK_ROWS, GGUFLinear, use_
 from .test_loader import IDS, logits, write_llama_gguf
 
 CPU = torch.device("cpu")
-KERNEL_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
+KERNEL_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K]
+# Where each K-quant block keeps its float16 scales (gguf-py cannot quantize these types, so the
+# tests fill their blocks with random bytes and set the scales to finite values).
+K_QUANT_SCALES = {Q.Q4_K: (0, 2)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,34 +36,46 @@ def kernels() -> None:
 def quantized(n: int, k: int, qtype: Q, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random [n, k] weights as (GGUF blocks [n, bytes], the dequantized float32 matrix gguf gives)."""
     rng = np.random.default_rng(seed)
-    w = rng.standard_normal((n, k), dtype=np.float32)
-    w[0] *= 1e-6  # NOTE: a row whose float16 scale is subnormal
-    w[1] += 3.0  # and one whose Q4_1 offset is far from zero
-    data = gguf.quants.quantize(w, qtype)
+    if qtype in K_QUANT_SCALES:
+        block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        data = rng.integers(0, 256, size=(n * k // block_elems, block_bytes), dtype=np.uint8)
+        scales = rng.uniform(1e-3, 0.1, size=(data.shape[0], len(K_QUANT_SCALES[qtype]))).astype(np.float16)
+        scales[0] = np.float16(3e-7)  # NOTE: a subnormal float16 scale
+        for i, offset in enumerate(K_QUANT_SCALES[qtype]):
+            data[:, offset : offset + 2] = scales[:, i : i + 1].view(np.uint8)
+        data = data.reshape(n, -1)
+    else:
+        w = rng.standard_normal((n, k), dtype=np.float32)
+        w[0] *= 1e-6  # NOTE: a row whose float16 scale is subnormal
+        w[1] += 3.0  # and one whose Q4_1 offset is far from zero
+        data = gguf.quants.quantize(w, qtype)
     return torch.from_numpy(data.reshape(n, -1).copy()), torch.from_numpy(gguf.quants.dequantize(data, qtype))
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
 def test_each_weight_is_the_float32_value_gguf_dequantizes_to(qtype: Q) -> None:
-    blocks, dense = quantized(37, 96, qtype)
+    blocks, dense = quantized(37, 512, qtype)
     # x = I reads the matrix back: out[m, n] = W[n, m] exactly, as every other product is zero.
-    assert torch.equal(native.quant_linear(torch.eye(96), int(qtype), blocks, 37), dense.T)
+    assert torch.equal(native.quant_linear(torch.eye(512), int(qtype), blocks, 37), dense.T)
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 64, 65, 200])
 def test_matches_f_linear_on_the_dequantized_matrix(qtype: Q, rows: int) -> None:
-    blocks, dense = quantized(203, 160, qtype, seed=rows)  # NOTE: 203 outputs: a partial last tile
-    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows))
-    torch.testing.assert_close(native.quant_linear(x, int(qtype), blocks, 203), F.linear(x, dense), rtol=1e-5, atol=1e-4)
+    blocks, dense = quantized(203, 256, qtype, seed=rows)  # NOTE: 203 outputs: a partial last tile
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
+    diff = (native.quant_linear(x, int(qtype), blocks, 203) - F.linear(x, dense)).abs()
+    # NOTE: two float32 sums of 256 products in different orders differ by at most about
+    # 2 * 256 * 2^-24 of the sum of the products' magnitudes.
+    assert (diff <= 4e-5 * F.linear(x.abs(), dense.abs())).all()
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
 def test_a_row_gives_the_same_bits_alone_and_in_any_batch(qtype: Q) -> None:
     # One row alone takes a path of its own (no dequantized copy); every path sums the same
     # products in the same order, so a sequence's logits do not depend on its batch companions.
-    blocks, _ = quantized(64, 576, qtype)
-    x = torch.randn(200, 576, generator=torch.Generator().manual_seed(1))
+    blocks, _ = quantized(64, 768, qtype)
+    x = torch.randn(200, 768, generator=torch.Generator().manual_seed(1))
     alone = torch.cat([native.quant_linear(x[i : i + 1], int(qtype), blocks, 64) for i in range(0, 200, 7)])
     for rows in (2, 3, 64, 200):
         batch = native.quant_linear(x[:rows], int(qtype), blocks, 64)
@@ -80,14 +95,17 @@ def test_takes_strided_rows_and_any_leading_shape() -> None:
 def test_refuses_what_it_cannot_read() -> None:
     blocks, _ = quantized(8, 64, Q.Q4_1)
     with pytest.raises(ValueError, match="not a type the kernel handles"):
-        native.quant_linear(torch.randn(2, 64), int(Q.Q4_K), blocks, 8)
-    with pytest.raises(ValueError, match="multiple of 32 and match the row size"):
+        native.quant_linear(torch.randn(2, 64), int(Q.Q6_K), blocks, 8)
+    with pytest.raises(ValueError, match="whole number of blocks and match the row size"):
         native.quant_linear(torch.randn(2, 96), int(Q.Q4_1), blocks, 8)
+    with pytest.raises(ValueError, match="whole number of blocks"):
+        native.quant_linear(torch.randn(2, 64), int(Q.Q4_K), blocks, 8)  # K-quant blocks hold 256
     with pytest.raises(ValueError, match="need float32 x"):
         native.quant_linear(torch.randn(2, 64, dtype=torch.float64), int(Q.Q4_1), blocks, 8)
     with pytest.raises(ValueError, match=r"need \[9, bytes per row\]"):
         native.quant_linear(torch.randn(2, 64), int(Q.Q4_1), blocks, 9)
-    assert native.quant_block_bytes(int(Q.Q4_1)) == 20 and native.quant_block_bytes(int(Q.Q4_K)) == 0
+    assert native.quant_row_bytes(int(Q.Q4_1), 64) == 40 and native.quant_row_bytes(int(Q.Q4_K), 512) == 288
+    assert native.quant_row_bytes(int(Q.Q4_K), 64) == native.quant_row_bytes(int(Q.Q6_K), 256) == 0
 
 
 def test_gguf_linear_reads_blocks_for_few_rows_and_the_dense_layer_for_many() -> None:
@@ -109,7 +127,7 @@ def test_use_gguf_blocks_wraps_only_layers_the_blocks_fit() -> None:
         {"fits": torch.nn.Linear(64, 16, bias=False), "biased": torch.nn.Linear(64, 16), "wrong_shape": torch.nn.Linear(64, 8, bias=False)}
     )
     found = {name: (int(Q.Q4_0), blocks) for name in ("fits", "biased", "wrong_shape")}
-    found["unknown_type"] = (int(Q.Q4_K), blocks)
+    found["unknown_type"] = (int(Q.Q6_K), blocks)
     assert use_gguf_blocks(model, found) == 1
     assert isinstance(model["fits"], GGUFLinear)
     assert not any(isinstance(model[name], GGUFLinear) for name in ("biased", "wrong_shape"))
@@ -173,10 +191,10 @@ def test_the_portable_build_dequantizes_the_same(tmp_path: Path, monkeypatch: py
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.tw_quant_linear.argtypes, lib.tw_quant_linear.restype = [i32, p, i64, i64, i64, p, i64, i64, p, i64, i32], i32
     for qtype in KERNEL_TYPES:
-        blocks, dense = quantized(37, 96, qtype)
-        x = torch.eye(96)
-        out = torch.empty(96, 37)
+        blocks, dense = quantized(37, 256, qtype)
+        x = torch.eye(256)
+        out = torch.empty(256, 37)
         rc = lib.tw_quant_linear(
-            int(qtype), x.data_ptr(), 96, 96, 96, blocks.data_ptr(), blocks.shape[1], 37, out.data_ptr(), 37, 2
+            int(qtype), x.data_ptr(), 256, 256, 256, blocks.data_ptr(), blocks.shape[1], 37, out.data_ptr(), 37, 2
         )
         assert rc == 0 and torch.equal(out, dense.T), qtype.name
