@@ -174,6 +174,33 @@ def test_blocks_are_kept_only_when_every_shard_has_one_type(tmp_path: Path, make
     torch.testing.assert_close(logits(model, IDS[:4]), before, rtol=1e-4, atol=1e-4)
 
 
+def test_a_q4_k_model_multiplies_from_its_blocks(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf_model = transformers.LlamaForCausalLM(config).eval()
+    # gguf-py cannot quantize Q4_K: each matrix becomes random blocks, and the reference model
+    # gets what they dequantize to.
+    stored = write_llama_gguf(
+        tmp_path / "q4k.gguf", hf_model, Q.Q4_K, quantize=lambda w, qtype: quantized(*w.shape, qtype)[0].numpy()
+    )
+    hf_model.load_state_dict(stored, strict=False)
+    model = load_gguf(tmp_path / "q4k.gguf", torch.float32, CPU, progress=False).model
+    found = model.gguf_linear_blocks()
+    assert set(found) == {"layers.0.self_attn.qkv_proj", "layers.0.self_attn.o_proj", "layers.0.mlp.gate_up_proj",
+                          "layers.0.mlp.down_proj", "lm_head"}  # fmt: skip
+    for path, (ggml_type, blocks) in found.items():
+        assert ggml_type == int(Q.Q4_K)
+        weight = model.get_submodule(path).weight
+        assert torch.equal(dense_from_blocks(ggml_type, blocks, weight.shape[1]), weight), path
+    assert use_gguf_blocks(model, found) == 5
+    diff = (logits(model, IDS[:5]) - logits(hf_model, IDS[:5])).abs().max().item()
+    assert diff < 1e-3 * logits(hf_model, IDS[:5]).abs().max().item()
+
+
 def test_no_blocks_are_kept_for_a_bfloat16_model(tmp_path: Path, make_tiny_hf_llama: Any) -> None:
     write_llama_gguf(tmp_path / "tiny.gguf", make_tiny_hf_llama(tmp_path / "hf", tied=True), Q.Q4_1)
     model = load_gguf(tmp_path / "tiny.gguf", torch.bfloat16, CPU, progress=False).model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +66,12 @@ def write_llama_gguf(
     *,
     arch: str = "llama",
     override: dict[str, np.ndarray] | None = None,
+    quantize: Callable[[np.ndarray, Q], np.ndarray] = gguf.quants.quantize,
 ) -> dict[str, torch.Tensor]:
     """Write a transformers LLaMA as llama.cpp would: GGUF names, permuted q/k, matrices in ``qtype``.
 
-    Norms stay float32 as llama.cpp keeps them. ``override`` replaces tensors by GGUF name.
+    Norms stay float32 as llama.cpp keeps them. ``override`` replaces tensors by GGUF name;
+    ``quantize`` makes a matrix's blocks (a stand-in for types gguf-py cannot quantize).
 
     Returns:
         the Hugging Face state dict as stored (matrices dequantized back), for a reference model.
@@ -97,7 +100,7 @@ def write_llama_gguf(
             writer.add_tensor(name, override[name])
             continue
         if w.ndim == 2 and qtype != Q.F32:
-            data = gguf.quants.quantize(w, qtype)
+            data = quantize(w, qtype)
             w = gguf.quants.dequantize(data, qtype).reshape(w.shape)
         else:
             data = w
