@@ -245,6 +245,13 @@ class EngineCore:
             return []
         return propose_ngram(seq.token_ids, min(max_tokens, self.args.speculative_tokens))
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix block no running request holds (see ``BlockManager.reset_prefix_cache``).
+
+        Returns True when the cache is empty, False when blocks of running requests keep theirs.
+        """
+        return self.block_manager.reset_prefix_cache()
+
     # ---- views -----------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:

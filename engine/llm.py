@@ -44,6 +44,15 @@ class LLM:
         """The engine's counters."""
         return self.core.stats()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix, so that the next prompts are computed in full.
+
+        For measurements that repeat a prompt set, and after the cached keys and values stop being
+        wanted. Between ``generate`` calls no request is running, so this always empties the cache
+        and returns True.
+        """
+        return self.core.reset_prefix_cache()
+
     def generate(
         self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
     ) -> list[Completion]:

@@ -64,6 +64,18 @@ def test_batched_prefill_path_gives_the_same_tokens(llm: LLM) -> None:
     assert [c.token_ids for c in got] == [c.token_ids for c in expected]
 
 
+def test_reset_prefix_cache_makes_the_next_prompt_compute_in_full(llm: LLM) -> None:
+    prompt = [random.Random(77).randint(10, 4000) for _ in range(40)]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    first = llm.generate([prompt], params)[0]
+    assert llm.generate([prompt], params)[0].usage.cached_prompt_tokens >= 32  # two full blocks of 16
+    assert llm.reset_prefix_cache()
+    again = llm.generate([prompt], params)[0]
+    assert again.usage.cached_prompt_tokens == 0
+    assert again.token_ids == first.token_ids
+    assert llm.stats().kv_blocks_used == 0
+
+
 def test_random_aborts_free_every_block(seed_model_folder: Path, llm: LLM) -> None:
     core = EngineCore(llm.loaded, llm.args)
     rng = random.Random(1)
