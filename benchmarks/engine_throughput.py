@@ -6,6 +6,7 @@ import argparse
 import gc
 import json
 import random
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -52,6 +53,7 @@ class Result:
     seconds: float
     draft_tokens: int = 0
     accepted_draft_tokens: int = 0
+    trial: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -88,6 +90,8 @@ def chat_prompts(tokenizer: object, n: int) -> list[list[int]]:
 
 def run_ours(llm: LLM, prompts: list[list[int]], gen: int, dtype: str) -> Result:
     params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True)
+    # A repeated trial must not find its prompts in the prefix cache: every run computes them in full.
+    llm.reset_prefix_cache()
     # Warm-up on tokens unrelated to the prompts, so that nothing the timed run uses is cached.
     llm.generate([[100 + i for i in range(40)]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     before = llm.stats()
@@ -122,6 +126,19 @@ def run_hf(model: object, prompts: list[list[int]], gen: int, dtype: str, pad_id
     return Result(system, dtype, len(prompts), int((out.shape[1] - width) * len(prompts)), dt)
 
 
+def median_trial_ratio(results: list[Result], system: str, n: int) -> str:
+    """Ours / transformers within each trial (the two ran back to back): the median over trials and dtypes, and the range."""
+    ratios = []
+    for r in results:
+        if r.system != system or r.num_requests != n:
+            continue
+        base = next(b for b in results if b.system == "transformers" and b.num_requests == n and b.dtype == r.dtype and b.trial == r.trial)
+        ratios.append(r.tokens_per_second / base.tokens_per_second)
+    if len(ratios) < 2:
+        return "-"
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} trials)"
+
+
 def load_hf(dtype: torch.dtype) -> object:
     from transformers import AutoModelForCausalLM
 
@@ -143,6 +160,8 @@ def main() -> int:
                         help="chat-templated questions instead of corpus slices (text that does not quote itself)")
     parser.add_argument("--speculative-tokens", type=int, default=0,
                         help="also run ours with n-gram speculative decoding (and, alone, transformers with prompt lookup)")
+    parser.add_argument("--trials", type=int, default=1,
+                        help="run each configuration this many times, the systems alternating; ratios are then also given as the median of each trial's ratio")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -167,21 +186,26 @@ def main() -> int:
         hf = load_hf(dtype)
         # Alternate the systems so that drift in the machine's speed hits both alike.
         for n, prompts in [(1, alone)] + list(prompt_sets.items()):
-            for llm in llms:
-                # NOTE: past speculative_max_batch the engine does not speculate: that run would
-                # repeat the plain one.
-                if n <= llm.args.speculative_max_batch or not llm.args.speculative_tokens:
-                    results.append(run_ours(llm, prompts, args.gen, dtype_name))
-            results.append(run_hf(hf, prompts, args.gen, dtype_name, pad_id))
-            if n == 1 and args.speculative_tokens:
-                results.append(run_hf(hf, prompts, args.gen, dtype_name, pad_id, lookup=args.speculative_tokens))
-            runs = ", ".join(f"{r.system} {r.tokens_per_second:.1f}" for r in results if r.num_requests == n and r.dtype == dtype_name)
-            print(f"  {dtype_name} n={n}: {runs} tok/s", file=sys.stderr)
+            for trial in range(args.trials):
+                trial_results: list[Result] = []
+                for llm in llms:
+                    # NOTE: past speculative_max_batch the engine does not speculate: that run would
+                    # repeat the plain one.
+                    if n <= llm.args.speculative_max_batch or not llm.args.speculative_tokens:
+                        trial_results.append(run_ours(llm, prompts, args.gen, dtype_name))
+                trial_results.append(run_hf(hf, prompts, args.gen, dtype_name, pad_id))
+                if n == 1 and args.speculative_tokens:
+                    trial_results.append(run_hf(hf, prompts, args.gen, dtype_name, pad_id, lookup=args.speculative_tokens))
+                for r in trial_results:
+                    r.trial = trial
+                results.extend(trial_results)
+                runs = ", ".join(f"{r.system} {r.tokens_per_second:.1f}" for r in trial_results)
+                print(f"  {dtype_name} n={n} trial {trial + 1}/{args.trials}: {runs} tok/s", file=sys.stderr)
         del llms, hf
         gc.collect()
 
-    print("\n| requests | system | best tok/s | transformers best tok/s | ratio |")
-    print("|---|---|---|---|---|")
+    print("\n| requests | system | best tok/s | transformers best tok/s | ratio | median of trial ratios |")
+    print("|---|---|---|---|---|---|")
     for n in [1] + list(args.requests):
         base = max((r for r in results if r.system == "transformers" and r.num_requests == n), key=lambda r: r.tokens_per_second)
         for system in dict.fromkeys(r.system for r in results if r.system != "transformers"):
@@ -190,11 +214,11 @@ def main() -> int:
                 continue
             ours = max(runs, key=lambda r: r.tokens_per_second)
             print(f"| {n} | {system} | {ours.tokens_per_second:.1f} ({ours.dtype}) | {base.tokens_per_second:.1f} ({base.dtype}) "
-                  f"| {ours.tokens_per_second / base.tokens_per_second:.2f}x |")
+                  f"| {ours.tokens_per_second / base.tokens_per_second:.2f}x | {median_trial_ratio(results, system, n)} |")
     print("\nall runs:")
     for r in results:
         drafts = f"  drafts accepted {r.accepted_draft_tokens}/{r.draft_tokens}" if r.draft_tokens else ""
-        print(f"  {r.system:22s} {r.dtype:9s} n={r.num_requests:3d} {r.generated_tokens:6d} tokens {r.seconds:7.2f} s "
+        print(f"  {r.system:22s} {r.dtype:9s} n={r.num_requests:3d} trial {r.trial + 1} {r.generated_tokens:6d} tokens {r.seconds:7.2f} s "
               f"{r.tokens_per_second:8.1f} tok/s{drafts}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in results], indent=2))
