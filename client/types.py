@@ -186,7 +186,7 @@ class SamplingKwargs(TypedDict, total=False):
         top_k: sample among the k most likely tokens; 0 keeps all.
         top_p: nucleus mass in (0, 1].
         min_p: drop tokens less likely than min_p times the best one, in [0, 1].
-        repetition_penalty: in (0, 10]; 1 is off.
+        repetition_penalty: in [0.01, 10]; 1 is off.
         presence_penalty: in [-2, 2].
         frequency_penalty: in [-2, 2].
         seed: per-request seed for reproducible sampling.
