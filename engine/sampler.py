@@ -279,14 +279,25 @@ def inverse_cdf_draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
     Tokens with ``-inf`` logits have no mass and are never drawn.
 
     Args:
-        logits: ``[R, V]`` float logits, at least one finite per row.
+        logits: ``[R, V]`` float logits; a row without a finite maximum takes its argmax.
         uniforms: ``[R]`` float64 draws in [0, 1), one per row.
 
     Returns:
         ``[R]`` int64 token ids: row r gets the token whose CDF interval holds ``uniforms[r]``.
     """
     rows, vocab = logits.shape
-    weights = logits - logits.amax(dim=-1, keepdim=True)
+    peak = logits.amax(dim=-1, keepdim=True)  # [R, 1]
+    finite = torch.isfinite(peak).squeeze(1)  # [R]
+    if not bool(finite.all()):
+        # NOTE: a row without a finite maximum (every token masked, a penalty that overflowed)
+        # has no distribution to draw from. It takes its argmax, so that one request's logits
+        # cannot fail the whole batch; the others draw as usual.
+        out = logits.nan_to_num(nan=float("-inf")).argmax(dim=-1)
+        ok = finite.nonzero().squeeze(1)
+        if ok.numel():
+            out[ok] = inverse_cdf_draw(logits[ok], uniforms[ok])
+        return out
+    weights = logits - peak
     weights.exp_()  # [R, V] unnormalised probabilities, -inf -> 0
     num_blocks = -(-vocab // CDF_BLOCK)
     if num_blocks * CDF_BLOCK != vocab:

@@ -206,6 +206,16 @@ def test_inverse_cdf_draw_keeps_the_tail_of_a_peaked_distribution() -> None:
     assert tail > 0
 
 
+def test_a_row_without_a_finite_maximum_takes_its_argmax_and_the_others_draw_as_alone() -> None:
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    normal = probs.log()
+    masked = torch.full((4,), float("-inf"))  # every token masked
+    overflowed = torch.tensor([1.0, float("inf"), 2.0, float("nan")])  # a penalty went to inf
+    logits = torch.stack([normal, masked, overflowed, normal])
+    uniforms = torch.tensor([0.15, 0.5, 0.5, 0.65], dtype=torch.float64)
+    assert inverse_cdf_draw(logits, uniforms).tolist() == [1, 0, 1, 3]
+
+
 # --- temperature -------------------------------------------------------------------------------
 
 
