@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from tokenwire.engine import native
@@ -63,6 +65,9 @@ class EngineCore:
         )
         self.sampler = Sampler(seed=args.seed, device=loaded.device)
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
+        # NOTE: a model may have more logits than its tokenizer has tokens (rows padded to a round
+        # size): the extra ids decode to nothing, so they are never sampled and never accepted.
+        self.vocab_size = min(model.vocab_size, self.tokenizer.vocab_size)
         self.requests: dict[str, Sequence] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -95,8 +100,12 @@ class EngineCore:
                 raise InvalidRequestError("chat has no messages")
             ids = self.tokenizer.encode_chat(list(request.messages), add_generation_prompt=True)
         else:
-            ids = [int(t) for t in request.prompt_token_ids or ()]
-            vocab = self.runner.model.vocab_size
+            try:
+                # NOTE: operator.index refuses floats (5.7 is not token 5).
+                ids = [operator.index(t) for t in request.prompt_token_ids or ()]
+            except TypeError:
+                raise InvalidRequestError("prompt token ids must be integers") from None
+            vocab = self.vocab_size
             bad = next((t for t in ids if not 0 <= t < vocab), None)
             if bad is not None:
                 raise InvalidRequestError(f"unknown token id {bad} in prompt (vocab size {vocab})")
@@ -115,7 +124,7 @@ class EngineCore:
                 f"prompt has {len(ids)} tokens; the context length is {self.max_model_len} "
                 "and at least one token must be generated"
             )
-        vocab = self.runner.model.vocab_size
+        vocab = self.vocab_size
         bad = next((t for t in params.stop_token_ids if t >= vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"unknown token id {bad} in stop_token_ids (vocab size {vocab})")
@@ -169,6 +178,9 @@ class EngineCore:
         self.scheduler.update(sched.scheduled)
         if not result.sampled:
             return []
+        if result.logits.shape[1] > self.vocab_size:
+            with torch.inference_mode():  # the runner's logits are inference tensors
+                result.logits[:, self.vocab_size :] = float("-inf")
         states = [item.seq.sampling_state for item in result.sampled for _ in range(item.num_sampled_rows)]
         # Row j of a drafted sequence verifies draft j; its last row has nothing to verify.
         drafts = [d for item in result.sampled for d in (*item.draft_token_ids, None)]

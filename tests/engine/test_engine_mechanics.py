@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenwire.engine import LLM, FinishReason, SamplingParams
+from tokenwire.engine import LLM, FinishReason, InvalidRequestError, SamplingParams
 from tokenwire.engine.core import EngineCore
 from tokenwire.engine.loader.production_arch import save_folder
 from tokenwire.engine.models.production_transformer import ProductionTransformer, ProductionTransformerConfig
@@ -74,6 +74,34 @@ def test_reset_prefix_cache_makes_the_next_prompt_compute_in_full(llm: LLM) -> N
     assert again.usage.cached_prompt_tokens == 0
     assert again.token_ids == first.token_ids
     assert llm.stats().kv_blocks_used == 0
+
+
+def test_logits_past_the_tokenizer_are_never_sampled(tmp_path: Path, default_model_path: Path) -> None:
+    """A model whose vocabulary is padded past its tokenizer's (as some checkpoints are) samples real tokens only."""
+    tokenizer = Tokenizer.from_gguf(default_model_path)
+    torch.manual_seed(1)
+    config = ProductionTransformerConfig(
+        vocab_size=tokenizer.vocab_size + 1024, d_model=32, num_heads=2, num_layers=1, dim_feedforward=64,
+        dropout=0.0, max_len=128, tie_weights=False,
+    )
+    model = ProductionTransformer(config)
+    with torch.no_grad():
+        # Real tokens' logits all 0, the padding's random: the padding would win every argmax.
+        model.lm_head.weight[: tokenizer.vocab_size] = 0.0
+    save_folder(model, tmp_path)
+    tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}))
+    llm = LLM(str(tmp_path), dtype="float32")
+    prompts = [[11 + i, 12, 13] for i in range(4)]
+    for params in (
+        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=5, max_tokens=8, ignore_eos=True, logprobs=True),
+    ):
+        outs = llm.generate(prompts, params)
+        assert all(len(o.token_ids) == 8 for o in outs)
+        assert max(t for o in outs for t in o.token_ids) < tokenizer.vocab_size
+    with pytest.raises(InvalidRequestError, match="unknown token id"):
+        llm.generate([[tokenizer.vocab_size + 5]], params)
 
 
 def test_random_aborts_free_every_block(seed_model_folder: Path, llm: LLM) -> None:
