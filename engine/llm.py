@@ -71,13 +71,20 @@ class LLM:
         seqs = [self.core.make_sequence(self._request(p, sp)) for p, sp in zip(items, per)]
         results: dict[str, RequestOutput] = {s.request_id: RequestOutput(s.request_id) for s in seqs}
         pending = list(reversed(seqs))
-        while pending or self.core.has_unfinished():
-            # Feed the queue as it drains, so any number of prompts fits a bounded waiting queue.
-            while pending and len(self.core.scheduler.waiting) < self.args.max_queued_requests:
-                self.core.add_sequence(pending.pop())
-            for out in self.core.step():
-                if out.request_id in results:
-                    results[out.request_id].merge(out)
+        try:
+            while pending or self.core.has_unfinished():
+                # Feed the queue as it drains, so any number of prompts fits a bounded waiting queue.
+                while pending and len(self.core.scheduler.waiting) < self.args.max_queued_requests:
+                    self.core.add_sequence(pending.pop())
+                for out in self.core.step():
+                    if out.request_id in results:
+                        results[out.request_id].merge(out)
+        except BaseException:
+            # NOTE: a failed (or interrupted) call leaves nothing behind: its requests would
+            # otherwise stay queued and run, or fail again, in the next call.
+            for seq in seqs:
+                self.core.abort(seq.request_id)
+            raise
         completions = []
         for seq in seqs:
             out = results[seq.request_id]
