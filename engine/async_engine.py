@@ -161,7 +161,9 @@ class AsyncEngine:
             self._stats = core.stats()
             if outputs:
                 self._deliver(outputs)
-            if not core.has_unfinished() or self._dead is not None:
+            # NOTE: _stopping is checked again here: a shutdown() that set the event before this
+            # iteration cleared it would otherwise be lost, and the thread would never wake.
+            if (not core.has_unfinished() or self._dead is not None) and not self._stopping:
                 self._wake.wait()
 
     def _apply(self, commands: list[_Command]) -> list[RequestOutput]:
