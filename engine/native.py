@@ -60,7 +60,7 @@ def compile_flags() -> list[str]:
     A fixed instruction level rather than ``-march=native``, so that a library built on one
     machine (a container image's build host) loads on another of the same level.
     """
-    flags = ["-O3", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+    flags = ["-O3", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
     if platform.machine() in ("x86_64", "AMD64"):
         cpu = _cpu_flags()
         flags.append("-march=x86-64-v3" if {"avx2", "fma", "bmi2", "f16c"} <= cpu else "-march=x86-64-v2")
@@ -116,11 +116,16 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run(
-            [compiler, *flags, *map(str, _sources()), "-o", tmp], capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        with tempfile.TemporaryDirectory(dir=target.parent) as objects:
+            # NOTE: compiled with -ffast-math, linked without it: linked with it, the library
+            # would carry gcc's crtfastmath, which turns on flush-to-zero for the whole process
+            # when it loads (torch and numpy would then drop every subnormal float).
+            linked = []
+            for source in _sources():
+                obj = str(Path(objects) / f"{source.stem}.o")
+                _run([compiler, *flags, "-c", str(source), "-o", obj], compiler)
+                linked.append(obj)
+            _run([compiler, "-shared", "-fopenmp", *linked, "-o", tmp], compiler)
         # NOTE: readable by all (mkstemp made it private): a container image builds the library
         # as root, and the server runs as another user.
         os.chmod(tmp, 0o755)
@@ -129,6 +134,12 @@ def build() -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _run(command: list[str], compiler: str) -> None:
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{compiler} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
 
 
 def _library() -> ctypes.CDLL | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import random
 import shutil
 
@@ -114,6 +116,17 @@ def test_a_build_is_reused_and_kept_where_told(tmp_path, monkeypatch) -> None:
     assert native.build() == path and path.stat().st_mtime_ns == stamp  # not compiled again
     assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
     assert path.stat().st_mode & 0o444 == 0o444  # loadable by a server running as another user
+
+
+def test_loading_the_kernels_keeps_subnormal_floats(tmp_path, monkeypatch) -> None:
+    """The library is compiled with -ffast-math, but loading it must not set flush-to-zero for the process."""
+    if not HAS_COMPILER:
+        pytest.skip("no C++ compiler here")
+    monkeypatch.setenv("TOKENWIRE_KERNEL_DIR", str(tmp_path / "kernels"))
+    ctypes.CDLL(str(native.build()))  # a fresh copy: its load-time constructors run now
+    tiny = torch.tensor(1e-39, dtype=torch.float32)  # subnormal in float32
+    assert tiny.item() != 0.0
+    assert (tiny * 2).item() == pytest.approx(2e-39, rel=1e-3)
 
 
 def test_a_failing_or_missing_compiler_is_reported(tmp_path, monkeypatch) -> None:
