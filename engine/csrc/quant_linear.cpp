@@ -9,9 +9,10 @@
 // multiply-add rounds the same. Products with x are summed in float32: the result is F.linear on
 // the dequantized matrix up to summation order, like any float32 matmul.
 //
-// Not Q6_K: its unpacking (6-bit quants split across two arrays) cost more than its reads saved;
-// measured on 12 [2048 -> 4096] matrices, one row took 23.6 ms from Q6_K blocks against 15.8 ms
-// dense.
+// Not Q6_K: its unpacking (6-bit quants split across two arrays) costs what its smaller reads save.
+// On 12 [2048 -> 4096] matrices against the dense matmul in the same run, a 128-bit unpacking
+// (both halves of a group, int8 scale per 16 weights) ran even at one row (16.6 against 17.2 ms)
+// and slower at 2-32 rows (0.71-0.93x); a 256-bit one was slower still at one row.
 //
 // Layouts: x [M, K] row stride x_stride; w [N, row_bytes] (row n: the blocks of output feature n,
 // as GGUF stores them); out [M, N] row stride out_stride. K is a multiple of the type's block
