@@ -40,7 +40,7 @@ def main() -> None:
         k, n = linear.in_features, linear.out_features
         # NOTE: the dense side as the engine runs it: oneDNN-packed where torch has oneDNN.
         dense.append((PackedLinear(linear) if can_prepack(torch.float32, torch.device("cpu")) else linear, k))
-        quant.append((lambda x, t=ggml_type, b=raw, n=n: native.quant_linear(x, t, b, n), k))
+        quant.append((lambda x, w=native.quant_pack(ggml_type, raw, k): native.quant_linear(x, w), k))
     flops = sum(2 * layer.in_features * layer.out_features for layer in (model.get_submodule(p) for p in blocks))
     print(f"{len(blocks)} matmuls, {flops / 2e6:.0f} M weights; threads: {torch.get_num_threads()}")
     print("| rows | dense float32 ms | GGUF blocks ms | speed-up | blocks GFLOP/s |")

@@ -20,7 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCE_DIR = Path(__file__).with_name("csrc")
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 # Element-type codes of the C entry point.
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _BUILD_TIMEOUT_S = 300
@@ -162,12 +162,14 @@ def _library() -> ctypes.CDLL | None:
             "tw_rms_norm": [i32, p, i64, p, p, i64, i64, i64, f32, i32],
             "tw_rotary": [i32, p, i64, i64, i64, i64, p, p, i32],
             "tw_silu_and_mul": [i32, p, i64, p, i64, i64, i32],
-            "tw_quant_linear": [i32, p, i64, i64, i64, p, i64, i64, p, i64, i32],
+            "tw_quant_linear": [i32, p, i64, i64, i64, p, i64, p, i64, i32],
+            "tw_quant_pack": [i32, p, i64, i64, i64, p, i32],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, i32
         lib.tw_quant_row_bytes.argtypes, lib.tw_quant_row_bytes.restype = [i32, i64], i64
+        lib.tw_quant_packed_bytes.argtypes, lib.tw_quant_packed_bytes.restype = [i32, i64, i64], i64
         _loaded = lib
         return lib
 
@@ -310,30 +312,71 @@ def quant_row_bytes(ggml_type: int, in_features: int) -> int:
     return int(_loaded_library().tw_quant_row_bytes(ggml_type, in_features))
 
 
-def quant_linear(x: torch.Tensor, ggml_type: int, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
-    """``x @ W.T`` in float32 for W kept as GGUF blocks: [..., K] -> [..., out_features].
+class PackedWeight:
+    """A GGUF block-quantized [out_features, in_features] weight, repacked for ``quant_linear``.
 
-    blocks: [out_features, ``quant_row_bytes(ggml_type, K)``] uint8, contiguous, each row one output
-    feature's blocks in GGUF order. Equals ``F.linear(x, dequantized W)`` up to summation order.
+    The output features in panels of 16, each 32 consecutive inputs with one float32 scale and
+    offset per feature and the quants input-major (``csrc/quant_linear.cpp`` has the layout), so
+    that the kernel unpacks eight features at one input into a vector.
+    """
+
+    __slots__ = ("ggml_type", "in_features", "out_features", "data")
+
+    def __init__(self, ggml_type: int, in_features: int, out_features: int, data: torch.Tensor) -> None:
+        self.ggml_type = ggml_type
+        self.in_features = in_features
+        self.out_features = out_features
+        self.data = data
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of memory the packed weight holds."""
+        return self.data.numel()
+
+
+def quant_pack(ggml_type: int, blocks: torch.Tensor, in_features: int) -> PackedWeight:
+    """Repack GGUF blocks ([out_features, ``quant_row_bytes(ggml_type, in_features)``] uint8, each
+    row one output feature's blocks in GGUF order) for ``quant_linear``."""
+    lib = _loaded_library()
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or not blocks.is_cpu:
+        raise ValueError(f"blocks {blocks.dtype} {tuple(blocks.shape)} on {blocks.device}: need 2-d uint8 CPU blocks")
+    blocks = blocks.contiguous()
+    out_features = blocks.shape[0]
+    size = int(lib.tw_quant_packed_bytes(ggml_type, in_features, out_features))
+    data = torch.empty(max(size, 1), dtype=torch.uint8)
+    rc = lib.tw_quant_pack(
+        ggml_type, blocks.data_ptr(), blocks.shape[1], in_features, out_features, data.data_ptr(), torch.get_num_threads()
+    )
+    if rc != 0:
+        raise ValueError(
+            f"GGUF type {ggml_type} with K={in_features} and {blocks.shape[1]} bytes per row: "
+            + ("not a type the kernel handles" if rc == 1 else "K must be a whole number of blocks and match the row size")
+        )
+    return PackedWeight(ggml_type, in_features, out_features, data)
+
+
+def quant_linear(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+    """``x @ W.T`` in float32 for W packed by ``quant_pack``: [..., in_features] -> [..., out_features].
+
+    Equals ``F.linear(x, dequantized W)`` up to summation order; a row gives the same bits alone
+    and in any batch.
     """
     lib = _loaded_library()
     k = x.shape[-1]
-    if x.dtype != torch.float32 or blocks.dtype != torch.uint8 or not (blocks.is_cpu and blocks.is_contiguous()):
-        raise ValueError(f"x {x.dtype}, blocks {blocks.dtype} on {blocks.device}: need float32 x and contiguous uint8 CPU blocks")
-    if blocks.dim() != 2 or blocks.shape[0] != out_features:
-        raise ValueError(f"blocks {tuple(blocks.shape)}: need [{out_features}, bytes per row]")
+    if x.dtype != torch.float32:
+        raise ValueError(f"x {x.dtype}: need float32")
+    if k != weight.in_features:
+        raise ValueError(f"x has {k} features, the weight takes {weight.in_features}")
     rows = _rows(x, k)
-    out = torch.empty((rows.shape[0], out_features), dtype=torch.float32)
+    n = weight.out_features
+    out = torch.empty((rows.shape[0], n), dtype=torch.float32)
     rc = lib.tw_quant_linear(
-        ggml_type, rows.data_ptr(), rows.stride(0), rows.shape[0], k, blocks.data_ptr(), blocks.shape[1],
-        out_features, out.data_ptr(), out_features, torch.get_num_threads(),
+        weight.ggml_type, rows.data_ptr(), rows.stride(0), rows.shape[0], k, weight.data.data_ptr(), n,
+        out.data_ptr(), n, torch.get_num_threads(),
     )  # fmt: skip
-    if rc != 0:
-        raise ValueError(
-            f"GGUF type {ggml_type} with K={k} and {blocks.shape[1]} bytes per row: "
-            + ("not a type the kernel handles" if rc == 1 else "K must be a whole number of blocks and match the row size")
-        )
-    return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
+    if rc != 0:  # NOTE: quant_pack checked the type and K; only a hand-made PackedWeight gets here
+        raise ValueError(f"GGUF type {weight.ggml_type} with K={k}: not a packed weight the kernel takes")
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:

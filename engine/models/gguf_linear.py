@@ -7,39 +7,39 @@ from torch import nn
 
 from tokenwire.engine import native
 
-# NOTE: up to this many rows the block kernel is as fast as the dense float32 matmul or faster;
-# above it the dense matmul wins. Measured on a 2-core AVX2 EPYC over the default model's 30 layers
-# and LM head (benchmarks/gguf_linear.py): 2.1-2.4x at 1 row, 1.8-1.95x at 2-3, 1.5-1.7x at 4-5,
-# 1.35x at 16, 0.9-1.2x at 24-64 (noisy), 0.86x at 96.
-MAX_BLOCK_ROWS = 64
+# NOTE: up to this many rows the block kernel is faster than the dense float32 matmul (oneDNN);
+# from about 256 rows they are even. Measured on a 2-core AVX2 EPYC over the default model's 30
+# layers and LM head (benchmarks/gguf_linear.py): 2.9x at 1 row, 2.2-2.4x at 2-3, 1.7-2.1x at 4-6,
+# 1.4-1.5x at 8-16, 1.2-1.3x at 24-128, 1.02x at 256, 0.96x at 512.
+MAX_BLOCK_ROWS = 128
 
 
 class GGUFLinear(nn.Module):
     """``y = x @ W.T`` with W both dense and as GGUF blocks: few rows read the blocks, many the dense copy.
 
-    Decoding multiplies a handful of rows by every weight, so it is bound by reading the weights:
-    a Q4_1 block is 5 bits per weight against float32's 32. The kernel dequantizes each weight to
-    the exact float32 value the dense copy holds, so both paths agree up to summation order.
+    Decoding multiplies a handful of rows by every weight, so it is bound by reading and unpacking
+    the weights: a packed Q4_1 weight is 6 bits against float32's 32. The kernel dequantizes each
+    weight to the exact float32 value the dense copy holds, so both paths agree up to summation
+    order, and a row gives the same bits alone and in any batch of up to ``MAX_BLOCK_ROWS`` rows.
     """
 
-    def __init__(self, dense: nn.Module, ggml_type: int, blocks: torch.Tensor, in_features: int, out_features: int) -> None:
+    def __init__(self, dense: nn.Module, packed: native.PackedWeight) -> None:
         super().__init__()
         self.dense = dense
-        self.ggml_type = ggml_type
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features = packed.in_features
+        self.out_features = packed.out_features
         # NOTE: a plain attribute, not a buffer: state_dict() and .to() must not see raw bytes.
-        self.blocks = blocks
-        self._max_elements = MAX_BLOCK_ROWS * in_features
+        self.packed = packed
+        self._max_elements = MAX_BLOCK_ROWS * packed.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] float32 -> [..., out_features]."""
         if x.numel() <= self._max_elements:
-            return native.quant_linear(x, self.ggml_type, self.blocks, self.out_features)
+            return native.quant_linear(x, self.packed)
         return self.dense(x)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, ggml_type={self.ggml_type}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, ggml_type={self.packed.ggml_type}"
 
 
 def use_gguf_blocks(model: nn.Module, blocks: dict[str, tuple[int, torch.Tensor]]) -> int:
@@ -61,6 +61,6 @@ def use_gguf_blocks(model: nn.Module, blocks: dict[str, tuple[int, torch.Tensor]
         row_bytes = native.quant_row_bytes(ggml_type, in_features)
         if not row_bytes or tuple(raw.shape) != (out_features, row_bytes):
             continue
-        setattr(parent, name, GGUFLinear(layer, ggml_type, raw, in_features, out_features))
+        setattr(parent, name, GGUFLinear(layer, native.quant_pack(ggml_type, raw, in_features)))
         wrapped += 1
     return wrapped

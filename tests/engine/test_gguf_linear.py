@@ -52,11 +52,16 @@ def quantized(n: int, k: int, qtype: Q, seed: int = 0) -> tuple[torch.Tensor, to
     return torch.from_numpy(data.reshape(n, -1).copy()), torch.from_numpy(gguf.quants.dequantize(data, qtype))
 
 
+def multiply(x: torch.Tensor, qtype: int, blocks: torch.Tensor) -> torch.Tensor:
+    """x @ W.T through the kernel, W given as GGUF blocks."""
+    return native.quant_linear(x, native.quant_pack(int(qtype), blocks, x.shape[-1]))
+
+
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
 def test_each_weight_is_the_float32_value_gguf_dequantizes_to(qtype: Q) -> None:
     blocks, dense = quantized(37, 512, qtype)
     # x = I reads the matrix back: out[m, n] = W[n, m] exactly, as every other product is zero.
-    assert torch.equal(native.quant_linear(torch.eye(512), int(qtype), blocks, 37), dense.T)
+    assert torch.equal(multiply(torch.eye(512), qtype, blocks), dense.T)
 
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
@@ -64,7 +69,7 @@ def test_each_weight_is_the_float32_value_gguf_dequantizes_to(qtype: Q) -> None:
 def test_matches_f_linear_on_the_dequantized_matrix(qtype: Q, rows: int) -> None:
     blocks, dense = quantized(203, 256, qtype, seed=rows)  # NOTE: 203 outputs: a partial last tile
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
-    diff = (native.quant_linear(x, int(qtype), blocks, 203) - F.linear(x, dense)).abs()
+    diff = (multiply(x, qtype, blocks) - F.linear(x, dense)).abs()
     # NOTE: two float32 sums of 256 products in different orders differ by at most about
     # 2 * 256 * 2^-24 of the sum of the products' magnitudes.
     assert (diff <= 4e-5 * F.linear(x.abs(), dense.abs())).all()
@@ -72,13 +77,14 @@ def test_matches_f_linear_on_the_dequantized_matrix(qtype: Q, rows: int) -> None
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
 def test_a_row_gives_the_same_bits_alone_and_in_any_batch(qtype: Q) -> None:
-    # One row alone takes a path of its own (no dequantized copy); every path sums the same
-    # products in the same order, so a sequence's logits do not depend on its batch companions.
-    blocks, _ = quantized(64, 768, qtype)
+    # Up to 6 rows use the weights as they unpack, more an unpacked copy, and more than fit in L2
+    # pass over the weights in chunks; every path sums the same products in the same order, so a
+    # sequence's logits do not depend on its batch companions.
+    weight = native.quant_pack(int(qtype), quantized(64, 768, qtype)[0], 768)
     x = torch.randn(200, 768, generator=torch.Generator().manual_seed(1))
-    alone = torch.cat([native.quant_linear(x[i : i + 1], int(qtype), blocks, 64) for i in range(0, 200, 7)])
-    for rows in (2, 3, 64, 200):
-        batch = native.quant_linear(x[:rows], int(qtype), blocks, 64)
+    alone = torch.cat([native.quant_linear(x[i : i + 1], weight) for i in range(0, 200, 7)])
+    for rows in (2, 3, 5, 6, 7, 13, 64, 200):
+        batch = native.quant_linear(x[:rows], weight)
         assert torch.equal(batch[0:rows:7], alone[: len(range(0, rows, 7))]), rows
 
 
@@ -86,24 +92,27 @@ def test_takes_strided_rows_and_any_leading_shape() -> None:
     blocks, dense = quantized(40, 64, Q.Q4_1)
     wide = torch.randn(2, 5, 100)
     x = wide[..., 10:74]  # rows 100 floats apart
-    out = native.quant_linear(x, int(Q.Q4_1), blocks, 40)
+    out = multiply(x, Q.Q4_1, blocks)
     assert out.shape == (2, 5, 40)
     torch.testing.assert_close(out, F.linear(x, dense), rtol=1e-5, atol=1e-4)
-    assert native.quant_linear(torch.empty(0, 64), int(Q.Q4_1), blocks, 40).shape == (0, 40)
+    assert multiply(torch.empty(0, 64), Q.Q4_1, blocks).shape == (0, 40)
 
 
 def test_refuses_what_it_cannot_read() -> None:
     blocks, _ = quantized(8, 64, Q.Q4_1)
     with pytest.raises(ValueError, match="not a type the kernel handles"):
-        native.quant_linear(torch.randn(2, 64), int(Q.Q6_K), blocks, 8)
+        native.quant_pack(int(Q.Q6_K), blocks, 64)
     with pytest.raises(ValueError, match="whole number of blocks and match the row size"):
-        native.quant_linear(torch.randn(2, 96), int(Q.Q4_1), blocks, 8)
+        native.quant_pack(int(Q.Q4_1), blocks, 96)
     with pytest.raises(ValueError, match="whole number of blocks"):
-        native.quant_linear(torch.randn(2, 64), int(Q.Q4_K), blocks, 8)  # K-quant blocks hold 256
-    with pytest.raises(ValueError, match="need float32 x"):
-        native.quant_linear(torch.randn(2, 64, dtype=torch.float64), int(Q.Q4_1), blocks, 8)
-    with pytest.raises(ValueError, match=r"need \[9, bytes per row\]"):
-        native.quant_linear(torch.randn(2, 64), int(Q.Q4_1), blocks, 9)
+        native.quant_pack(int(Q.Q4_K), blocks, 64)  # K-quant blocks hold 256
+    with pytest.raises(ValueError, match="need 2-d uint8 CPU blocks"):
+        native.quant_pack(int(Q.Q4_1), blocks.view(-1), 64)
+    weight = native.quant_pack(int(Q.Q4_1), blocks, 64)
+    with pytest.raises(ValueError, match="need float32"):
+        native.quant_linear(torch.randn(2, 64, dtype=torch.float64), weight)
+    with pytest.raises(ValueError, match="x has 32 features, the weight takes 64"):
+        native.quant_linear(torch.randn(2, 32), weight)
     assert native.quant_row_bytes(int(Q.Q4_1), 64) == 40 and native.quant_row_bytes(int(Q.Q4_K), 512) == 288
     assert native.quant_row_bytes(int(Q.Q4_K), 64) == native.quant_row_bytes(int(Q.Q6_K), 256) == 0
 
@@ -112,7 +121,7 @@ def test_gguf_linear_reads_blocks_for_few_rows_and_the_dense_layer_for_many() ->
     blocks, dense_w = quantized(48, 64, Q.Q8_0)
     dense = torch.nn.Linear(64, 48, bias=False)
     dense.weight.data = dense_w
-    layer = GGUFLinear(dense, int(Q.Q8_0), blocks, 64, 48)
+    layer = GGUFLinear(dense, native.quant_pack(int(Q.Q8_0), blocks, 64))
     calls: list[int] = []
     dense.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     for rows in (1, MAX_BLOCK_ROWS, MAX_BLOCK_ROWS + 1):
@@ -137,7 +146,7 @@ def test_use_gguf_blocks_wraps_only_layers_the_blocks_fit() -> None:
 
 
 def dense_from_blocks(ggml_type: int, blocks: torch.Tensor, in_features: int) -> torch.Tensor:
-    return native.quant_linear(torch.eye(in_features), ggml_type, blocks, blocks.shape[0]).T
+    return multiply(torch.eye(in_features), ggml_type, blocks).T
 
 
 def test_the_default_model_hands_over_blocks_for_every_matmul_row_for_row() -> None:
@@ -208,20 +217,24 @@ def test_no_blocks_are_kept_for_a_bfloat16_model(tmp_path: Path, make_tiny_hf_ll
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX2 paths exist on x86 only")
-def test_the_portable_build_dequantizes_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_portable_build_gives_the_same_bits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # NOTE: a CPU without AVX2 (or another architecture) gets the plain C++ loops; built here at
-    # the x86-64-v2 level, they must give the same bits as gguf.
+    # the x86-64-v2 level, they must dequantize as gguf does and sum as the AVX2 path does.
     monkeypatch.setenv("TOKENWIRE_KERNEL_DIR", str(tmp_path))
     flags = [f for f in native.compile_flags() if not f.startswith("-march")] + ["-march=x86-64-v2"]
     monkeypatch.setattr(native, "compile_flags", lambda: flags)
     lib = ctypes.CDLL(str(native.build()))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.tw_quant_linear.argtypes, lib.tw_quant_linear.restype = [i32, p, i64, i64, i64, p, i64, i64, p, i64, i32], i32
+    lib.tw_quant_packed_bytes.argtypes, lib.tw_quant_packed_bytes.restype = [i32, i64, i64], i64
+    lib.tw_quant_pack.argtypes, lib.tw_quant_pack.restype = [i32, p, i64, i64, i64, p, i32], i32
+    lib.tw_quant_linear.argtypes, lib.tw_quant_linear.restype = [i32, p, i64, i64, i64, p, i64, p, i64, i32], i32
+    x = torch.cat([torch.eye(256), torch.randn(9, 256, generator=torch.Generator().manual_seed(3))])
     for qtype in KERNEL_TYPES:
         blocks, dense = quantized(37, 256, qtype)
-        x = torch.eye(256)
-        out = torch.empty(256, 37)
-        rc = lib.tw_quant_linear(
-            int(qtype), x.data_ptr(), 256, 256, 256, blocks.data_ptr(), blocks.shape[1], 37, out.data_ptr(), 37, 2
-        )
-        assert rc == 0 and torch.equal(out, dense.T), qtype.name
+        packed = torch.empty(lib.tw_quant_packed_bytes(int(qtype), 256, 37), dtype=torch.uint8)
+        assert lib.tw_quant_pack(int(qtype), blocks.data_ptr(), blocks.shape[1], 256, 37, packed.data_ptr(), 2) == 0
+        assert torch.equal(packed, native.quant_pack(int(qtype), blocks, 256).data), qtype.name
+        out = torch.empty(x.shape[0], 37)
+        rc = lib.tw_quant_linear(int(qtype), x.data_ptr(), 256, x.shape[0], 256, packed.data_ptr(), 37, out.data_ptr(), 37, 2)
+        assert rc == 0 and torch.equal(out[:256], dense.T), qtype.name
+        assert torch.equal(out[256:], multiply(x[256:], qtype, blocks)), qtype.name
