@@ -242,8 +242,10 @@ constexpr int kTileRows = 6;
 constexpr int64_t kDirectRows = 6;
 // k per unpacked chunk: 36 KB of float32, about L1; the default model's K = 576 is one chunk.
 constexpr int64_t kChunkK = 576;
-// Rows of x per pass over the panels: 96 rows of K = 576 are 216 KB, which stay in L2.
-constexpr int64_t kChunkBytes = 256 * 1024;
+// Rows of x per pass over the panels (each pass unpacks every panel again): at most about the L2
+// cache's 512 KB (227 rows of K = 576), in passes of equal size, so that 240 rows are two passes
+// of 120 rather than 227 and 13.
+constexpr int64_t kChunkBytes = 512 * 1024;
 
 // out[rows, 16] for rows <= kDirectRows, straight from the quants.
 template <int Bits>
@@ -282,8 +284,9 @@ void linear(const float* x, int64_t x_stride, int64_t m_rows, int64_t k, const u
             int64_t out_stride, int num_threads) {
   const int64_t panels = (n + kPanel - 1) / kPanel;
   const int64_t panel_bytes = k / kGroup * group_bytes(Bits);
-  int64_t chunk_rows = kChunkBytes / (4 * k);
-  chunk_rows = chunk_rows < kTileRows ? kTileRows : chunk_rows / kTileRows * kTileRows;
+  const int64_t most_rows = kChunkBytes / (4 * k) > kTileRows ? kChunkBytes / (4 * k) : kTileRows;
+  const int64_t passes = (m_rows + most_rows - 1) / most_rows;
+  const int64_t chunk_rows = ((m_rows + passes - 1) / passes + kTileRows - 1) / kTileRows * kTileRows;
 #pragma omp parallel num_threads(num_threads) if (panels > 1)
   {
     std::vector<float> scratch;  // a partial last panel's 16 columns

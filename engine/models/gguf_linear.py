@@ -7,11 +7,12 @@ from torch import nn
 
 from tokenwire.engine import native
 
-# NOTE: up to this many rows the block kernel is faster than the dense float32 matmul (oneDNN);
-# from about 256 rows they are even. Measured on a 2-core AVX2 EPYC over the default model's 30
-# layers and LM head (benchmarks/gguf_linear.py): 2.9x at 1 row, 2.2-2.4x at 2-3, 1.7-2.1x at 4-6,
-# 1.4-1.5x at 8-16, 1.2-1.3x at 24-128, 1.02x at 256, 0.96x at 512.
-MAX_BLOCK_ROWS = 128
+# NOTE: up to this many rows the block kernel is at least as fast as the dense float32 matmul
+# (oneDNN, prepacked). Measured on a 2-core AVX2 EPYC over the default model's 30 layers, the two
+# alternating (`benchmarks/gguf_linear.py --layers-only`): 3.0x at 1 row, 2.4-2.5x at 2-4, 1.5-1.9x
+# at 6-8, 1.2-1.3x at 16-32, 1.1x at 64-192, even from 256 (1.01-1.05x at 256-512). A CPU with
+# AVX-512 runs oneDNN's matmuls twice as wide as this AVX2 kernel, so there the break-even is lower.
+MAX_BLOCK_ROWS = 256
 
 
 class GGUFLinear(nn.Module):
