@@ -25,6 +25,8 @@ class RequestCollector:
     def __init__(self) -> None:
         self._pending: RequestOutput | None = None
         self._ready = asyncio.Event()
+        # NOTE: set when the reader leaves before the last output: what still arrives is dropped.
+        self.abandoned = False
 
     def put(self, out: RequestOutput) -> None:
         """Called on the event loop with the request's newest delta."""
@@ -61,7 +63,11 @@ class AsyncEngine:
         self._commands: list[_Command] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._collectors: dict[str, RequestCollector] = {}
+        # NOTE: per request id, its collectors oldest first: all but the newest were abandoned by
+        # readers that left early and wait for their request's last output (the engine ends every
+        # request it was given with exactly one), so that a reused id never receives a
+        # predecessor's tokens or its cancellation.
+        self._collectors: dict[str, list[RequestCollector]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -117,14 +123,14 @@ class AsyncEngine:
                 raise self._dead
             if self._thread is None:
                 raise EngineDeadError("the engine is not started")
-            if rid in self._collectors:
+            if any(not c.abandoned for c in self._collectors.get(rid, ())):
                 raise DuplicateRequestError(f"request_id {rid!r} is already in use by an open request")
             seq = self.core.make_sequence(request)
         except EngineError as e:
             yield RequestOutput(rid, finish_reason=FinishReason.ERROR, error=e)
             return
         collector = RequestCollector()
-        self._collectors[rid] = collector
+        self._collectors.setdefault(rid, []).append(collector)
         finished = False
         try:
             self._submit(("add", seq))
@@ -133,9 +139,11 @@ class AsyncEngine:
                 finished = out.finished
                 yield out
         finally:
-            if self._collectors.get(rid) is collector:
-                del self._collectors[rid]
-            if not finished:
+            # NOTE: still queued means its last output has not arrived: the request is open. Once
+            # it has arrived (unread), there is nothing to cancel, and an abort by id could hit a
+            # newer request under the same id.
+            if not finished and collector in self._collectors.get(rid, ()):
+                collector.abandoned = True
                 self.abort(rid)
 
     # ---- engine thread ---------------------------------------------------------------------
@@ -200,6 +208,15 @@ class AsyncEngine:
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
-            collector = self._collectors.get(out.request_id)
-            if collector is not None:
+            queue = self._collectors.get(out.request_id)
+            if not queue:
+                continue
+            # NOTE: the engine applies commands in order, so the oldest collector's request is
+            # the one this output belongs to until its last output has come.
+            collector = queue[0]
+            if not collector.abandoned:
                 collector.put(out)
+            if out.finished:
+                queue.pop(0)
+                if not queue:
+                    del self._collectors[out.request_id]

@@ -19,22 +19,6 @@ from tokenwire.engine.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def seed_model_folder(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Path:
-    """A tiny random ProductionTransformer with the default model's tokenizer, saved as a model folder."""
-    folder = tmp_path_factory.mktemp("seed-model")
-    tokenizer = Tokenizer.from_gguf(default_model_path)
-    torch.manual_seed(0)
-    config = ProductionTransformerConfig(
-        vocab_size=tokenizer.vocab_size, d_model=64, num_heads=4, num_layers=2, dim_feedforward=128,
-        dropout=0.0, max_len=512, tie_weights=False,
-    )
-    save_folder(ProductionTransformer(config), folder)
-    tokenizer.backend.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}))
-    return folder
-
-
-@pytest.fixture(scope="module")
 def llm(seed_model_folder: Path) -> LLM:
     return LLM(str(seed_model_folder), dtype="float32", max_num_seqs=8, max_num_batched_tokens=48)
 
