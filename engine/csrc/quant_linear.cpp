@@ -133,21 +133,34 @@ void read_group(int type, const uint8_t* row, int64_t g, float& scale, float& of
 }
 
 #ifdef TW_AVX2
-// Features 0-7 and 8-15 of a group's k index kk.
+// One group of a panel: its features' scales and offsets in registers, and its quants.
 template <int Bits>
-inline void unpack(const uint8_t* quants, int64_t kk, __m256 s0, __m256 s1, __m256 o0, __m256 o1, __m256& w0,
-                   __m256& w1) {
-  if constexpr (Bits == 4) {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(quants + 8 * kk));
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
-    w0 = _mm256_fmadd_ps(s0, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), o0);
-    w1 = _mm256_fmadd_ps(s1, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), o1);
-  } else {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(quants + 16 * kk));
-    w0 = _mm256_fmadd_ps(s0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), o0);
-    w1 = _mm256_fmadd_ps(s1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8))), o1);
+struct Group {
+  __m256 s0, s1, o0, o1;
+  const uint8_t* quants;
+
+  // Features 0-7 and 8-15 at the group's k index kk.
+  inline void unpack(int64_t kk, __m256& w0, __m256& w1) const {
+    if constexpr (Bits == 4) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(quants + 8 * kk));
+      const __m128i low4 = _mm_set1_epi8(0x0F);
+      const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+      w0 = _mm256_fmadd_ps(s0, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), o0);
+      w1 = _mm256_fmadd_ps(s1, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), o1);
+    } else {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(quants + 16 * kk));
+      w0 = _mm256_fmadd_ps(s0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), o0);
+      w1 = _mm256_fmadd_ps(s1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8))), o1);
+    }
   }
+};
+
+template <int Bits>
+inline Group<Bits> load_group(const uint8_t* panel, int64_t g) {
+  const uint8_t* group = panel + g * group_bytes(Bits);
+  const float* so = reinterpret_cast<const float*>(group);
+  return {_mm256_loadu_ps(so), _mm256_loadu_ps(so + 8), _mm256_loadu_ps(so + 16), _mm256_loadu_ps(so + 24),
+          group + 2 * kPanel * 4};
 }
 
 // NOTE: accumulators are named variables: GCC keeps an array of __m256 in memory and stores it on
@@ -175,14 +188,10 @@ template <int Bits, int MR>
 void panel_direct(const float* x, int64_t x_stride, const uint8_t* panel, int64_t k, float* out, int64_t out_stride) {
   TW_ZERO_ACC
   for (int64_t g = 0; g < k / kGroup; ++g) {
-    const uint8_t* group = panel + g * group_bytes(Bits);
-    const float* so = reinterpret_cast<const float*>(group);
-    const __m256 s0 = _mm256_loadu_ps(so), s1 = _mm256_loadu_ps(so + 8);
-    const __m256 o0 = _mm256_loadu_ps(so + 16), o1 = _mm256_loadu_ps(so + 24);
-    const uint8_t* quants = group + 2 * kPanel * 4;
+    const Group<Bits> group = load_group<Bits>(panel, g);
     for (int64_t kk = 0; kk < kGroup; ++kk) {
       __m256 w0, w1;
-      unpack<Bits>(quants, kk, s0, s1, o0, o1, w0, w1);
+      group.unpack(kk, w0, w1);
       const float* xk = x + g * kGroup + kk;
       TW_ROWS(TW_FMA_ROW)
     }
@@ -194,15 +203,11 @@ void panel_direct(const float* x, int64_t x_stride, const uint8_t* panel, int64_
 template <int Bits>
 void unpack_panel(const uint8_t* panel, int64_t k0, int64_t k1, float* dst) {
   for (int64_t g = k0 / kGroup; g < k1 / kGroup; ++g) {
-    const uint8_t* group = panel + g * group_bytes(Bits);
-    const float* so = reinterpret_cast<const float*>(group);
-    const __m256 s0 = _mm256_loadu_ps(so), s1 = _mm256_loadu_ps(so + 8);
-    const __m256 o0 = _mm256_loadu_ps(so + 16), o1 = _mm256_loadu_ps(so + 24);
-    const uint8_t* quants = group + 2 * kPanel * 4;
+    const Group<Bits> group = load_group<Bits>(panel, g);
     float* d = dst + (g * kGroup - k0) * kPanel;
     for (int64_t kk = 0; kk < kGroup; ++kk) {
       __m256 w0, w1;
-      unpack<Bits>(quants, kk, s0, s1, o0, o1, w0, w1);
+      group.unpack(kk, w0, w1);
       _mm256_store_ps(d + kk * kPanel, w0);
       _mm256_store_ps(d + kk * kPanel + 8, w1);
     }
