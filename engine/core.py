@@ -13,7 +13,7 @@ from tokenwire.engine.detokenizer import IncrementalDetokenizer
 from tokenwire.engine.errors import DuplicateRequestError, InvalidRequestError, PromptTooLongError, QueueFullError
 from tokenwire.engine.info import EngineStats, ModelInfo
 from tokenwire.engine.loader import LoadedModel
-from tokenwire.engine.models.gguf_linear import use_gguf_blocks
+from tokenwire.engine.models.gguf_linear import block_rows_limit, use_gguf_blocks
 from tokenwire.engine.models.layers import enable_native_ops
 from tokenwire.engine.models.packed_linear import can_prepack, prepack_linears
 from tokenwire.engine.outputs import FinishReason, RequestOutput, TokenLogprob
@@ -37,15 +37,17 @@ class EngineCore:
         self.args = args
         self.tokenizer = loaded.tokenizer
         model = loaded.model
+        # NOTE: taken even when unused, so that the model lets go of the blocks' memory.
+        gguf_blocks = model.gguf_linear_blocks() if hasattr(model, "gguf_linear_blocks") else {}
+        native_ops = args.native_kernels and native.available(loaded.device, loaded.dtype)
+        if native_ops and loaded.dtype == torch.float32:
+            # NOTE: before prepacking, so that a layer the blocks serve alone is never packed.
+            use_gguf_blocks(model, gguf_blocks, block_rows_limit())
         if args.prepack_weights and can_prepack(loaded.dtype, loaded.device):
             # NOTE: in place: the engine owns the loaded model from here on.
             prepack_linears(model)
-        # NOTE: taken even when unused, so that the model lets go of the blocks' memory.
-        gguf_blocks = model.gguf_linear_blocks() if hasattr(model, "gguf_linear_blocks") else {}
-        if args.native_kernels and native.available(loaded.device, loaded.dtype):
+        if native_ops:
             enable_native_ops(model)
-            if loaded.dtype == torch.float32:
-                use_gguf_blocks(model, gguf_blocks)
         spec = model.kv_cache_spec
         num_blocks = num_blocks_for_budget(spec, loaded.dtype, args.block_size, self._kv_budget_bytes())
         if num_blocks < 2:

@@ -43,7 +43,8 @@ def kernel_dir() -> Path:
     return Path(base) / "tokenwire" / "kernels"
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where there is none)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -62,9 +63,14 @@ def compile_flags() -> list[str]:
     """
     flags = ["-O3", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
     if platform.machine() in ("x86_64", "AMD64"):
-        cpu = _cpu_flags()
+        cpu = cpu_flags()
         flags.append("-march=x86-64-v3" if {"avx2", "fma", "bmi2", "f16c"} <= cpu else "-march=x86-64-v2")
     return flags
+
+
+def has_avx2_paths() -> bool:
+    """Whether the kernels build with their hand-written AVX2 paths rather than the portable loops."""
+    return "-march=x86-64-v3" in compile_flags()
 
 
 def _compiler() -> str | None:

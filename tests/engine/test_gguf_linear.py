@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import platform
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from gguf import GGMLQuantizationType as Q
 
 from tokenwire.engine import native
 from tokenwire.engine.loader import load_gguf, load_model
-from tokenwire.engine.models.gguf_linear import MAX_BLOCK_ROWS, GGUFLinear, use_gguf_blocks
+from tokenwire.engine.models.gguf_linear import MAX_BLOCK_ROWS, GGUFLinear, block_rows_limit, use_gguf_blocks
 
 from .test_loader import IDS, logits, write_llama_gguf
 
@@ -121,7 +123,7 @@ def test_gguf_linear_reads_blocks_for_few_rows_and_the_dense_layer_for_many() ->
     blocks, dense_w = quantized(48, 64, Q.Q8_0)
     dense = torch.nn.Linear(64, 48, bias=False)
     dense.weight.data = dense_w
-    layer = GGUFLinear(dense, native.quant_pack(int(Q.Q8_0), blocks, 64))
+    layer = GGUFLinear(dense, native.quant_pack(int(Q.Q8_0), blocks, 64), MAX_BLOCK_ROWS)
     calls: list[int] = []
     dense.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     for rows in (1, MAX_BLOCK_ROWS, MAX_BLOCK_ROWS + 1):
@@ -130,16 +132,32 @@ def test_gguf_linear_reads_blocks_for_few_rows_and_the_dense_layer_for_many() ->
     assert calls == [MAX_BLOCK_ROWS + 1]
 
 
-def test_use_gguf_blocks_wraps_only_layers_the_blocks_fit() -> None:
+def test_gguf_linear_without_a_dense_copy_reads_the_blocks_for_any_rows() -> None:
+    blocks, dense_w = quantized(48, 64, Q.Q4_1)
+    layer = GGUFLinear(None, native.quant_pack(int(Q.Q4_1), blocks, 64), None)
+    x = torch.randn(3 * MAX_BLOCK_ROWS, 64)
+    out = layer(x)
+    assert torch.equal(out[:5], layer(x[:5]))  # the same path, so the same bits
+    torch.testing.assert_close(out, F.linear(x, dense_w), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="dense layer is needed exactly when"):
+        GGUFLinear(None, layer.packed, MAX_BLOCK_ROWS)
+
+
+@pytest.mark.parametrize("max_rows", [MAX_BLOCK_ROWS, None], ids=["with-dense", "blocks-only"])
+def test_use_gguf_blocks_wraps_only_layers_the_blocks_fit(max_rows: int | None) -> None:
     blocks, _ = quantized(16, 64, Q.Q4_0)
     model = torch.nn.ModuleDict(
         {"fits": torch.nn.Linear(64, 16, bias=False), "biased": torch.nn.Linear(64, 16), "wrong_shape": torch.nn.Linear(64, 8, bias=False)}
     )
     found = {name: (int(Q.Q4_0), blocks) for name in ("fits", "biased", "wrong_shape")}
     found["unknown_type"] = (int(Q.Q6_K), blocks)
-    assert use_gguf_blocks(model, found) == 1
+    dense_weight = weakref.ref(model["fits"].weight)
+    assert use_gguf_blocks(model, found, max_rows) == 1
     assert isinstance(model["fits"], GGUFLinear)
     assert not any(isinstance(model[name], GGUFLinear) for name in ("biased", "wrong_shape"))
+    # Where the blocks serve every size, nothing holds the dense weight any more.
+    gc.collect()
+    assert (dense_weight() is None) == (max_rows is None)
 
 
 # ---- blocks from a checkpoint ------------------------------------------------------------------
@@ -166,6 +184,16 @@ def test_the_default_model_hands_over_blocks_for_every_matmul_row_for_row() -> N
     assert model.gguf_linear_blocks() == {}
 
 
+def test_the_engine_serves_every_matmul_of_the_default_model_from_its_blocks() -> None:
+    from tokenwire.engine import LLM
+
+    llm = LLM(dtype="float32")  # NOTE: a model of its own: the engine wraps its layers in place
+    layers = [m for m in llm.core.loaded.model.modules() if isinstance(m, GGUFLinear)]
+    assert len(layers) == 30 * 4 + 1
+    # Where the blocks serve every size (AVX2 without AVX-512), no dense copy is kept.
+    assert all((m.dense is None) == (block_rows_limit() is None) for m in layers)
+
+
 def test_blocks_are_kept_only_when_every_shard_has_one_type(tmp_path: Path, make_tiny_hf_llama: Any) -> None:
     hf_model = make_tiny_hf_llama(tmp_path / "hf", tied=False, seed=5)
     # The value projection stays float32, so the fused q/k/v has no blocks of one type.
@@ -178,7 +206,7 @@ def test_blocks_are_kept_only_when_every_shard_has_one_type(tmp_path: Path, make
     assert torch.equal(dense_from_blocks(*found["lm_head"], hf_model.config.hidden_size), stored["lm_head.weight"])
     # Wrapped, the model computes what it computed dense (decode-sized rows read the blocks).
     before = logits(model, IDS[:4])
-    assert use_gguf_blocks(model, found) == len(found)
+    assert use_gguf_blocks(model, found, MAX_BLOCK_ROWS) == len(found)
     assert isinstance(model.lm_head, GGUFLinear)
     torch.testing.assert_close(logits(model, IDS[:4]), before, rtol=1e-4, atol=1e-4)
 
@@ -205,7 +233,7 @@ def test_a_q4_k_model_multiplies_from_its_blocks(tmp_path: Path) -> None:
         assert ggml_type == int(Q.Q4_K)
         weight = model.get_submodule(path).weight
         assert torch.equal(dense_from_blocks(ggml_type, blocks, weight.shape[1]), weight), path
-    assert use_gguf_blocks(model, found) == 5
+    assert use_gguf_blocks(model, found, None) == 5
     diff = (logits(model, IDS[:5]) - logits(hf_model, IDS[:5])).abs().max().item()
     assert diff < 1e-3 * logits(hf_model, IDS[:5]).abs().max().item()
 
