@@ -47,11 +47,11 @@ class GGUFLinear(nn.Module):
         self.out_features = packed.out_features
         # NOTE: a plain attribute, not a buffer: state_dict() and .to() must not see raw bytes.
         self.packed = packed
-        self._max_elements = None if max_rows is None else max_rows * packed.in_features
+        self._max_elements = 0 if max_rows is None else max_rows * packed.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] float32 -> [..., out_features]."""
-        if self.dense is None or x.numel() <= self._max_elements:  # type: ignore[operator]
+        if self.dense is None or x.numel() <= self._max_elements:
             return native.quant_linear(x, self.packed)
         return self.dense(x)
 
