@@ -6,7 +6,7 @@
 // Packed layout (tw_quant_pack): the output features in panels of 16 (the last one padded with
 // zero weights); a panel is K / 32 groups, each holding 32 consecutive k for its 16 features:
 //   float scale[16], float offset[16], then the quants k-major: for each of the 32 k, the 16
-//   features' quants (4-bit types: 8 bytes, byte j = feature j | feature j + 8 << 4; Q8_0: 16
+//   features' quants (4-bit types: 8 bytes, byte j = (feature j) | (feature j + 8) << 4; Q8_0: 16
 //   int8).
 // Weight (n, k) is fma(scale[n], q, offset[n]) for its group. k-major quants let a vector hold
 // eight features at one k, so a row of x is a broadcast and each product goes straight into an
