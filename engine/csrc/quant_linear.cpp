@@ -1,4 +1,4 @@
-// y = x @ W.T for float32 activations and a GGUF block-quantized weight (Q4_0, Q4_1, Q8_0, Q4_K),
+// y = x @ W.T for float32 activations and a GGUF block-quantized weight (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K),
 // repacked once at load into panels that are dequantized on the fly. Decoding reads every weight
 // once per step for a handful of rows, so the step is bound by reading and unpacking weights: a
 // packed Q4_1 weight is 6 bits instead of float32's 32.
@@ -6,24 +6,23 @@
 // Packed layout (tw_quant_pack): the output features in panels of 16 (the last one padded with
 // zero weights); a panel is K / 32 groups, each holding 32 consecutive k for its 16 features:
 //   float scale[16], float offset[16], then the quants k-major: for each of the 32 k, the 16
-//   features' quants (4-bit types: 8 bytes, byte j = (feature j) | (feature j + 8) << 4; Q8_0: 16
-//   int8).
+//   features' quants (4-bit types: 8 bytes, byte j = (feature j) | (feature j + 8) << 4; Q8_0 and
+//   Q5_K: 16 int8).
 // Weight (n, k) is fma(scale[n], q, offset[n]) for its group. k-major quants let a vector hold
 // eight features at one k, so a row of x is a broadcast and each product goes straight into an
 // output's accumulator: no horizontal sums, and any number of rows of x share one unpacking.
 //
 // Exactness: scale * q is exact in float32 for every type here (a float16 d times a 4- or 8-bit q,
-// or d times a 6-bit sub-block scale times a 4-bit q), so the one rounding of the fused
+// or d times a 6-bit sub-block scale times a 4- or 5-bit q), so the one rounding of the fused
 // multiply-add is the reference's (d * (q - 8) = fma(d, q, -8d); d * q + m; d * sc * q - dmin * m):
 // each weight is the float32 value gguf's dequantizer gives. Every path sums an output's K
 // products in the order k = 0, 1, ..., one fused multiply-add each, so a row gives the same bits
 // alone and in any batch, and differs from F.linear on the dequantized matrix only by summation
 // order, like any other float32 matmul.
 //
-// Not Q6_K: its unpacking (6-bit quants split across two arrays) costs what its smaller reads save.
-// On 12 [2048 -> 4096] matrices against the dense matmul in the same run, a 128-bit unpacking
-// (both halves of a group, int8 scale per 16 weights) ran even at one row (16.6 against 17.2 ms)
-// and slower at 2-32 rows (0.71-0.93x); a 256-bit one was slower still at one row.
+// Not Q6_K: its scales cover 16 weights, where a group here shares one per 32. (Unpacked straight
+// from its GGUF blocks, an earlier kernel ran even with the dense matmul at one row and 0.71-0.93x
+// at 2-32 rows.)
 //
 // Layouts: x [M, K] row stride x_stride; blocks [N, row_bytes] as GGUF stores them (row n: the
 // blocks of output feature n); out [M, N] row stride out_stride. K is a multiple of the type's
@@ -43,12 +42,13 @@ constexpr int kQ4_0 = 2;
 constexpr int kQ4_1 = 3;
 constexpr int kQ8_0 = 8;
 constexpr int kQ4_K = 12;
+constexpr int kQ5_K = 13;
 // Output features per panel: two vectors of eight.
 constexpr int kPanel = 16;
 // Consecutive k that share one scale and offset per feature.
 constexpr int64_t kGroup = 32;
 
-constexpr int64_t block_elems(int type) { return type == kQ4_K ? 256 : 32; }
+constexpr int64_t block_elems(int type) { return type == kQ4_K || type == kQ5_K ? 256 : 32; }
 
 constexpr int64_t block_bytes(int type) {
   switch (type) {
@@ -56,11 +56,13 @@ constexpr int64_t block_bytes(int type) {
     case kQ4_1: return 20;   // float16 d, float16 m, 16 bytes of nibbles: w = d * q + m
     case kQ8_0: return 34;   // float16 d, 32 int8: w = d * q
     case kQ4_K: return 144;  // float16 d, dmin, 12 bytes of 6-bit scales and mins, 128 of nibbles
+    case kQ5_K: return 176;  // as Q4_K, with 32 bytes of fifth bits between the scales and the nibbles
     default: return 0;
   }
 }
 
-constexpr int quant_bits(int type) { return type == kQ8_0 ? 8 : 4; }
+// NOTE: Q5_K's quants (0-31) take the 8-bit form: a 5-bit one would cost more to unpack than it saves.
+constexpr int quant_bits(int type) { return type == kQ8_0 || type == kQ5_K ? 8 : 4; }
 // Bytes of one group of a panel: scales, offsets, quants.
 constexpr int64_t group_bytes(int bits) { return 2 * kPanel * 4 + kGroup * kPanel * bits / 8; }
 
@@ -121,14 +123,18 @@ void read_group(int type, const uint8_t* row, int64_t g, float& scale, float& of
       q[i] = qs[i] & 0x0F;
       q[i + 16] = qs[i] >> 4;
     }
-  } else {  // kQ4_K: sub-block j is the low (j even) or high (j odd) nibbles of bytes 32 * (j / 2) .. +32
+  } else {  // kQ4_K, kQ5_K: sub-block j is the low (j even) or high (j odd) nibbles of bytes 32 * (j / 2) .. +32
     const int j = static_cast<int>(g % groups);
     int sc, mn;
     q4k_scale_min(b + 4, j, sc, mn);
     scale = half_to_float(b) * static_cast<float>(sc);
     offset = -(half_to_float(b + 2) * static_cast<float>(mn));
-    const uint8_t* qs = b + 16 + (j / 2) * 32;
-    for (int i = 0; i < kGroup; ++i) q[i] = (j & 1 ? qs[i] >> 4 : qs[i]) & 0x0F;
+    const uint8_t* qh = b + 16;  // Q5_K: bit j of byte i is the fifth bit of weight i of sub-block j
+    const uint8_t* qs = b + (type == kQ5_K ? 48 : 16) + (j / 2) * 32;
+    for (int i = 0; i < kGroup; ++i) {
+      q[i] = (j & 1 ? qs[i] >> 4 : qs[i]) & 0x0F;
+      if (type == kQ5_K) q[i] |= ((qh[i] >> j) & 1) << 4;
+    }
   }
 }
 

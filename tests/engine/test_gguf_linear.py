@@ -23,10 +23,10 @@ from tokenwire.engine.models.gguf_linear import MAX_BLOCK_ROWS, GGUFLinear, bloc
 from .test_loader import IDS, logits, write_llama_gguf
 
 CPU = torch.device("cpu")
-KERNEL_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K]
+KERNEL_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K]
 # Where each K-quant block keeps its float16 scales (gguf-py cannot quantize these types, so the
 # tests fill their blocks with random bytes and set the scales to finite values).
-K_QUANT_SCALES = {Q.Q4_K: (0, 2)}
+K_QUANT_SCALES = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2)}
 
 
 @pytest.fixture(scope="module", autouse=True)
