@@ -24,8 +24,9 @@ _ABI_VERSION = 5
 # Element-type codes of the C entry point.
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _BUILD_TIMEOUT_S = 300
-# GGUF quantization types (ggml's ids) that ``quant_linear`` multiplies from: Q4_0, Q4_1, Q8_0, Q4_K, Q5_K.
-GGUF_KERNEL_TYPES = frozenset({2, 3, 8, 12, 13})
+# GGUF quantization types (ggml's ids) that ``quant_linear`` multiplies from: Q4_0, Q4_1, Q8_0, Q4_K,
+# Q5_K, Q6_K.
+GGUF_KERNEL_TYPES = frozenset({2, 3, 8, 12, 13, 14})
 
 DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 """``(q, k_cache, v_cache, block_tables, context_lens, scale) -> out``, as ``paged_decode_attention``."""

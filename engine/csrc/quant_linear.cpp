@@ -1,28 +1,27 @@
-// y = x @ W.T for float32 activations and a GGUF block-quantized weight (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K),
+// y = x @ W.T for float32 activations and a GGUF block-quantized weight (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K,
+// Q6_K),
 // repacked once at load into panels that are dequantized on the fly. Decoding reads every weight
 // once per step for a handful of rows, so the step is bound by reading and unpacking weights: a
 // packed Q4_1 weight is 6 bits instead of float32's 32.
 //
 // Packed layout (tw_quant_pack): the output features in panels of 16 (the last one padded with
-// zero weights); a panel is K / 32 groups, each holding 32 consecutive k for its 16 features:
-//   float scale[16], float offset[16], then the quants k-major: for each of the 32 k, the 16
-//   features' quants (4-bit types: 8 bytes, byte j = (feature j) | (feature j + 8) << 4; Q8_0 and
-//   Q5_K: 16 int8).
+// zero weights); a panel is K / G groups, each holding G consecutive k for its 16 features (G = 32,
+// or 16 for Q6_K, whose scales cover 16 weights):
+//   float scale[16], float offset[16], then the quants k-major: for each of the G k, the 16
+//   features' quants (4-bit types: 8 bytes, byte j = (feature j) | (feature j + 8) << 4; Q8_0,
+//   Q5_K and Q6_K: 16 int8).
 // Weight (n, k) is fma(scale[n], q, offset[n]) for its group. k-major quants let a vector hold
 // eight features at one k, so a row of x is a broadcast and each product goes straight into an
 // output's accumulator: no horizontal sums, and any number of rows of x share one unpacking.
 //
 // Exactness: scale * q is exact in float32 for every type here (a float16 d times a 4- or 8-bit q,
-// or d times a 6-bit sub-block scale times a 4- or 5-bit q), so the one rounding of the fused
-// multiply-add is the reference's (d * (q - 8) = fma(d, q, -8d); d * q + m; d * sc * q - dmin * m):
+// d times a 6-bit sub-block scale times a 4- or 5-bit q, or d times an int8 scale times a 6-bit
+// q), so the one rounding of the fused multiply-add is the reference's (d * (q - 8) = fma(d, q,
+// -8d); d * q + m; d * sc * q - dmin * m; d * sc * (q - 32), which rounds nowhere):
 // each weight is the float32 value gguf's dequantizer gives. Every path sums an output's K
 // products in the order k = 0, 1, ..., one fused multiply-add each, so a row gives the same bits
 // alone and in any batch, and differs from F.linear on the dequantized matrix only by summation
 // order, like any other float32 matmul.
-//
-// Not Q6_K: its scales cover 16 weights, where a group here shares one per 32. (Unpacked straight
-// from its GGUF blocks, an earlier kernel ran even with the dense matmul at one row and 0.71-0.93x
-// at 2-32 rows.)
 //
 // Layouts: x [M, K] row stride x_stride; blocks [N, row_bytes] as GGUF stores them (row n: the
 // blocks of output feature n); out [M, N] row stride out_stride. K is a multiple of the type's
@@ -43,12 +42,13 @@ constexpr int kQ4_1 = 3;
 constexpr int kQ8_0 = 8;
 constexpr int kQ4_K = 12;
 constexpr int kQ5_K = 13;
+constexpr int kQ6_K = 14;
 // Output features per panel: two vectors of eight.
 constexpr int kPanel = 16;
-// Consecutive k that share one scale and offset per feature.
-constexpr int64_t kGroup = 32;
+// Consecutive k that share one scale and offset per feature: 32, or 16 for Q6_K.
+constexpr int kMaxGroup = 32;
 
-constexpr int64_t block_elems(int type) { return type == kQ4_K || type == kQ5_K ? 256 : 32; }
+constexpr int64_t block_elems(int type) { return type == kQ4_K || type == kQ5_K || type == kQ6_K ? 256 : 32; }
 
 constexpr int64_t block_bytes(int type) {
   switch (type) {
@@ -57,14 +57,17 @@ constexpr int64_t block_bytes(int type) {
     case kQ8_0: return 34;   // float16 d, 32 int8: w = d * q
     case kQ4_K: return 144;  // float16 d, dmin, 12 bytes of 6-bit scales and mins, 128 of nibbles
     case kQ5_K: return 176;  // as Q4_K, with 32 bytes of fifth bits between the scales and the nibbles
+    case kQ6_K: return 210;  // 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, float16 d
     default: return 0;
   }
 }
 
-// NOTE: Q5_K's quants (0-31) take the 8-bit form: a 5-bit one would cost more to unpack than it saves.
-constexpr int quant_bits(int type) { return type == kQ8_0 || type == kQ5_K ? 8 : 4; }
+// NOTE: Q5_K's and Q6_K's quants (0-31, 0-63) take the 8-bit form: a 5- or 6-bit one would cost
+// more to unpack than it saves.
+constexpr int quant_bits(int type) { return type == kQ4_0 || type == kQ4_1 || type == kQ4_K ? 4 : 8; }
+constexpr int group_size(int type) { return type == kQ6_K ? 16 : 32; }
 // Bytes of one group of a panel: scales, offsets, quants.
-constexpr int64_t group_bytes(int bits) { return 2 * kPanel * 4 + kGroup * kPanel * bits / 8; }
+constexpr int64_t group_bytes(int bits, int group) { return 2 * kPanel * 4 + group * kPanel * bits / 8; }
 
 // Q4_K's 6-bit scale and min of sub-block j (0-7), packed in 12 bytes as ggml packs them.
 inline void q4k_scale_min(const uint8_t* sc, int j, int& scale, int& min) {
@@ -105,15 +108,15 @@ float half_to_float(const uint8_t* p) {
 #endif
 }
 
-// Group g (weights 32g..32g+31) of a GGUF row: its scale, offset and quants, so that weight i is
-// fma(scale, q[i], offset).
-void read_group(int type, const uint8_t* row, int64_t g, float& scale, float& offset, int q[kGroup]) {
-  const int64_t groups = block_elems(type) / kGroup;
+// Group g (weights Gg..Gg+G-1, G = group_size(type)) of a GGUF row: its scale, offset and quants,
+// so that weight i is fma(scale, q[i], offset).
+void read_group(int type, const uint8_t* row, int64_t g, float& scale, float& offset, int q[kMaxGroup]) {
+  const int64_t groups = block_elems(type) / group_size(type);
   const uint8_t* b = row + (g / groups) * block_bytes(type);
   if (type == kQ8_0) {
     scale = half_to_float(b);
     offset = 0.f;
-    for (int i = 0; i < kGroup; ++i) q[i] = static_cast<int8_t>(b[2 + i]);
+    for (int i = 0; i < 32; ++i) q[i] = static_cast<int8_t>(b[2 + i]);
   } else if (type == kQ4_0 || type == kQ4_1) {
     // Low nibbles are elements 0-15, high nibbles 16-31.
     scale = half_to_float(b);
@@ -123,6 +126,18 @@ void read_group(int type, const uint8_t* row, int64_t g, float& scale, float& of
       q[i] = qs[i] & 0x0F;
       q[i + 16] = qs[i] >> 4;
     }
+  } else if (type == kQ6_K) {
+    // Group j of 16 (0-15): half h = j / 8 of the block, quarter s = (j % 8) / 2 of that half, its
+    // first or second 16 weights; the low 4 bits come from a nibble of ql, the high 2 from qh.
+    const int j = static_cast<int>(g % groups), h = j / 8, s = (j % 8) / 2, l0 = (j % 2) * 16;
+    const uint8_t* ql = b + 64 * h + (s & 1) * 32;
+    const uint8_t* qh = b + 128 + 32 * h;
+    scale = half_to_float(b + 208) * static_cast<float>(static_cast<int8_t>(b[192 + 8 * h + 2 * s + j % 2]));
+    offset = -32.f * scale;
+    for (int i = 0; i < 16; ++i) {
+      const int l = l0 + i;
+      q[i] = ((s < 2 ? ql[l] : ql[l] >> 4) & 0x0F) | (((qh[l] >> (2 * s)) & 3) << 4);
+    }
   } else {  // kQ4_K, kQ5_K: sub-block j is the low (j even) or high (j odd) nibbles of bytes 32 * (j / 2) .. +32
     const int j = static_cast<int>(g % groups);
     int sc, mn;
@@ -131,7 +146,7 @@ void read_group(int type, const uint8_t* row, int64_t g, float& scale, float& of
     offset = -(half_to_float(b + 2) * static_cast<float>(mn));
     const uint8_t* qh = b + 16;  // Q5_K: bit j of byte i is the fifth bit of weight i of sub-block j
     const uint8_t* qs = b + (type == kQ5_K ? 48 : 16) + (j / 2) * 32;
-    for (int i = 0; i < kGroup; ++i) {
+    for (int i = 0; i < 32; ++i) {
       q[i] = (j & 1 ? qs[i] >> 4 : qs[i]) & 0x0F;
       if (type == kQ5_K) q[i] |= ((qh[i] >> j) & 1) << 4;
     }
@@ -161,9 +176,9 @@ struct Group {
   }
 };
 
-template <int Bits>
+template <int Bits, int G>
 inline Group<Bits> load_group(const uint8_t* panel, int64_t g) {
-  const uint8_t* group = panel + g * group_bytes(Bits);
+  const uint8_t* group = panel + g * group_bytes(Bits, G);
   const float* so = reinterpret_cast<const float*>(group);
   return {_mm256_loadu_ps(so), _mm256_loadu_ps(so + 8), _mm256_loadu_ps(so + 16), _mm256_loadu_ps(so + 24),
           group + 2 * kPanel * 4};
@@ -190,28 +205,28 @@ inline Group<Bits> load_group(const uint8_t* panel, int64_t g) {
 
 // out[MR rows, 16] = x[MR rows] @ panel, unpacking each weight in registers and using it at once:
 // for a few rows of x, storing the unpacked panel and reading it back costs more than it saves.
-template <int Bits, int MR>
+template <int Bits, int G, int MR>
 void panel_direct(const float* x, int64_t x_stride, const uint8_t* panel, int64_t k, float* out, int64_t out_stride) {
   TW_ZERO_ACC
-  for (int64_t g = 0; g < k / kGroup; ++g) {
-    const Group<Bits> group = load_group<Bits>(panel, g);
-    for (int64_t kk = 0; kk < kGroup; ++kk) {
+  for (int64_t g = 0; g < k / G; ++g) {
+    const Group<Bits> group = load_group<Bits, G>(panel, g);
+    for (int64_t kk = 0; kk < G; ++kk) {
       __m256 w0, w1;
       group.unpack(kk, w0, w1);
-      const float* xk = x + g * kGroup + kk;
+      const float* xk = x + g * G + kk;
       TW_ROWS(TW_FMA_ROW)
     }
   }
   TW_ROWS(TW_STORE_ROW)
 }
 
-// Weights k0..k1 of a panel as float32, [k][16] (k0 and k1 multiples of 32).
-template <int Bits>
+// Weights k0..k1 of a panel as float32, [k][16] (k0 and k1 multiples of G).
+template <int Bits, int G>
 void unpack_panel(const uint8_t* panel, int64_t k0, int64_t k1, float* dst) {
-  for (int64_t g = k0 / kGroup; g < k1 / kGroup; ++g) {
-    const Group<Bits> group = load_group<Bits>(panel, g);
-    float* d = dst + (g * kGroup - k0) * kPanel;
-    for (int64_t kk = 0; kk < kGroup; ++kk) {
+  for (int64_t g = k0 / G; g < k1 / G; ++g) {
+    const Group<Bits> group = load_group<Bits, G>(panel, g);
+    float* d = dst + (g * G - k0) * kPanel;
+    for (int64_t kk = 0; kk < G; ++kk) {
       __m256 w0, w1;
       group.unpack(kk, w0, w1);
       _mm256_store_ps(d + kk * kPanel, w0);
@@ -259,16 +274,16 @@ constexpr int64_t kChunkK = 576;
 constexpr int64_t kChunkBytes = 512 * 1024;
 
 // out[rows, 16] for rows <= kDirectRows, straight from the quants.
-template <int Bits>
+template <int Bits, int G>
 void direct(const float* x, int64_t x_stride, int64_t rows, const uint8_t* panel, int64_t k, float* out,
             int64_t out_stride) {
   switch (rows) {
-    case 1: panel_direct<Bits, 1>(x, x_stride, panel, k, out, out_stride); break;
-    case 2: panel_direct<Bits, 2>(x, x_stride, panel, k, out, out_stride); break;
-    case 3: panel_direct<Bits, 3>(x, x_stride, panel, k, out, out_stride); break;
-    case 4: panel_direct<Bits, 4>(x, x_stride, panel, k, out, out_stride); break;
-    case 5: panel_direct<Bits, 5>(x, x_stride, panel, k, out, out_stride); break;
-    default: panel_direct<Bits, 6>(x, x_stride, panel, k, out, out_stride); break;
+    case 1: panel_direct<Bits, G, 1>(x, x_stride, panel, k, out, out_stride); break;
+    case 2: panel_direct<Bits, G, 2>(x, x_stride, panel, k, out, out_stride); break;
+    case 3: panel_direct<Bits, G, 3>(x, x_stride, panel, k, out, out_stride); break;
+    case 4: panel_direct<Bits, G, 4>(x, x_stride, panel, k, out, out_stride); break;
+    case 5: panel_direct<Bits, G, 5>(x, x_stride, panel, k, out, out_stride); break;
+    default: panel_direct<Bits, G, 6>(x, x_stride, panel, k, out, out_stride); break;
   }
 }
 
@@ -290,11 +305,11 @@ void unpacked(const float* x, int64_t x_stride, int64_t rows, const float* w, in
   }
 }
 
-template <int Bits>
+template <int Bits, int G>
 void linear(const float* x, int64_t x_stride, int64_t m_rows, int64_t k, const uint8_t* packed, int64_t n, float* out,
             int64_t out_stride, int num_threads) {
   const int64_t panels = (n + kPanel - 1) / kPanel;
-  const int64_t panel_bytes = k / kGroup * group_bytes(Bits);
+  const int64_t panel_bytes = k / G * group_bytes(Bits, G);
   const int64_t most_rows = kChunkBytes / (4 * k) > kTileRows ? kChunkBytes / (4 * k) : kTileRows;
   const int64_t passes = (m_rows + most_rows - 1) / most_rows;
   const int64_t chunk_rows = ((m_rows + passes - 1) / passes + kTileRows - 1) / kTileRows * kTileRows;
@@ -325,11 +340,11 @@ void linear(const float* x, int64_t x_stride, int64_t m_rows, int64_t k, const u
           o_stride = kPanel;
         }
         if (rows <= kDirectRows) {
-          direct<Bits>(xm, x_stride, rows, panel, k, o, o_stride);
+          direct<Bits, G>(xm, x_stride, rows, panel, k, o, o_stride);
         } else {
           for (int64_t k0 = 0; k0 < k; k0 += kChunkK) {
             const int64_t k1 = k0 + kChunkK < k ? k0 + kChunkK : k;
-            unpack_panel<Bits>(panel, k0, k1, unpacked_w);
+            unpack_panel<Bits, G>(panel, k0, k1, unpacked_w);
             unpacked(xm + k0, x_stride, rows, unpacked_w, k1 - k0, o, o_stride, k0 == 0);
           }
         }
@@ -343,24 +358,24 @@ void linear(const float* x, int64_t x_stride, int64_t m_rows, int64_t k, const u
 #else
 // The same sums in the same order as the AVX2 path (one fused multiply-add per product, k in
 // order), so that both give the same bits.
-template <int Bits>
+template <int Bits, int G>
 void linear(const float* x, int64_t x_stride, int64_t m_rows, int64_t k, const uint8_t* packed, int64_t n, float* out,
             int64_t out_stride, int num_threads) {
   const int64_t panels = (n + kPanel - 1) / kPanel;
-  const int64_t panel_bytes = k / kGroup * group_bytes(Bits);
+  const int64_t panel_bytes = k / G * group_bytes(Bits, G);
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (panels > 1)
   for (int64_t p = 0; p < panels; ++p) {
     const uint8_t* panel = packed + p * panel_bytes;
     const int cols = static_cast<int>(n - p * kPanel < kPanel ? n - p * kPanel : kPanel);
     for (int64_t m = 0; m < m_rows; ++m) {
       float acc[kPanel] = {};
-      for (int64_t g = 0; g < k / kGroup; ++g) {
-        const uint8_t* group = panel + g * group_bytes(Bits);
+      for (int64_t g = 0; g < k / G; ++g) {
+        const uint8_t* group = panel + g * group_bytes(Bits, G);
         float so[2 * kPanel];
         std::memcpy(so, group, sizeof so);
         const uint8_t* quants = group + 2 * kPanel * 4;
-        for (int64_t kk = 0; kk < kGroup; ++kk) {
-          const float a = x[m * x_stride + g * kGroup + kk];
+        for (int64_t kk = 0; kk < G; ++kk) {
+          const float a = x[m * x_stride + g * G + kk];
           for (int c = 0; c < kPanel; ++c) {
             int q;
             if constexpr (Bits == 4) {
@@ -392,7 +407,7 @@ int64_t tw_quant_row_bytes(int type, int64_t k) {
 // Bytes of the packed form of an [n, k] weight of a type, or 0 where tw_quant_row_bytes is 0.
 int64_t tw_quant_packed_bytes(int type, int64_t k, int64_t n) {
   if (tw_quant_row_bytes(type, k) == 0 || n <= 0) return 0;
-  return (n + kPanel - 1) / kPanel * (k / kGroup) * group_bytes(quant_bits(type));
+  return (n + kPanel - 1) / kPanel * (k / group_size(type)) * group_bytes(quant_bits(type), group_size(type));
 }
 
 // Repacks GGUF rows (blocks [n, row_bytes]) into the panels tw_quant_linear reads (packed:
@@ -402,9 +417,9 @@ int tw_quant_pack(int type, const void* blocks, int64_t row_bytes, int64_t k, in
                   int num_threads) {
   if (block_bytes(type) == 0) return 1;
   if (tw_quant_packed_bytes(type, k, n) == 0 || row_bytes != tw_quant_row_bytes(type, k)) return 2;
-  const int bits = quant_bits(type);
-  const int64_t groups = k / kGroup, panels = (n + kPanel - 1) / kPanel;
-  const int64_t gbytes = group_bytes(bits);
+  const int bits = quant_bits(type), gsize = group_size(type);
+  const int64_t groups = k / gsize, panels = (n + kPanel - 1) / kPanel;
+  const int64_t gbytes = group_bytes(bits, gsize);
   uint8_t* dst = static_cast<uint8_t*>(packed);
   std::memset(dst, 0, static_cast<size_t>(tw_quant_packed_bytes(type, k, n)));
 #pragma omp parallel for num_threads(num_threads) schedule(static)
@@ -414,12 +429,12 @@ int tw_quant_pack(int type, const void* blocks, int64_t row_bytes, int64_t k, in
       for (int64_t g = 0; g < groups; ++g) {
         uint8_t* group = dst + (p * groups + g) * gbytes;
         float scale, offset;
-        int q[kGroup];
+        int q[kMaxGroup];
         read_group(type, row, g, scale, offset, q);
         std::memcpy(group + 4 * c, &scale, 4);
         std::memcpy(group + 4 * (kPanel + c), &offset, 4);
         uint8_t* quants = group + 2 * kPanel * 4;
-        for (int i = 0; i < kGroup; ++i) {
+        for (int i = 0; i < gsize; ++i) {
           if (bits == 8) {
             quants[16 * i + c] = static_cast<uint8_t>(q[i]);
           } else {
@@ -440,10 +455,12 @@ int tw_quant_linear(int type, const float* x, int64_t x_stride, int64_t m_rows, 
   if (tw_quant_row_bytes(type, k) == 0) return 2;
   if (m_rows <= 0 || n <= 0) return 0;
   const uint8_t* p = static_cast<const uint8_t*>(packed);
-  if (quant_bits(type) == 8) {
-    linear<8>(x, x_stride, m_rows, k, p, n, out, out_stride, num_threads);
+  if (group_size(type) == 16) {
+    linear<8, 16>(x, x_stride, m_rows, k, p, n, out, out_stride, num_threads);
+  } else if (quant_bits(type) == 8) {
+    linear<8, 32>(x, x_stride, m_rows, k, p, n, out, out_stride, num_threads);
   } else {
-    linear<4>(x, x_stride, m_rows, k, p, n, out, out_stride, num_threads);
+    linear<4, 32>(x, x_stride, m_rows, k, p, n, out, out_stride, num_threads);
   }
   return 0;
 }

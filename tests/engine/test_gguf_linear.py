@@ -23,10 +23,10 @@ from tokenwire.engine.models.gguf_linear import MAX_BLOCK_ROWS, GGUFLinear, bloc
 from .test_loader import IDS, logits, write_llama_gguf
 
 CPU = torch.device("cpu")
-KERNEL_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K]
+KERNEL_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 # Where each K-quant block keeps its float16 scales (gguf-py cannot quantize these types, so the
 # tests fill their blocks with random bytes and set the scales to finite values).
-K_QUANT_SCALES = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2)}
+K_QUANT_SCALES = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,7 +103,7 @@ def test_takes_strided_rows_and_any_leading_shape() -> None:
 def test_refuses_what_it_cannot_read() -> None:
     blocks, _ = quantized(8, 64, Q.Q4_1)
     with pytest.raises(ValueError, match="not a type the kernel handles"):
-        native.quant_pack(int(Q.Q6_K), blocks, 64)
+        native.quant_pack(int(Q.Q2_K), blocks, 64)
     with pytest.raises(ValueError, match="whole number of blocks and match the row size"):
         native.quant_pack(int(Q.Q4_1), blocks, 96)
     with pytest.raises(ValueError, match="whole number of blocks"):
@@ -116,7 +116,7 @@ def test_refuses_what_it_cannot_read() -> None:
     with pytest.raises(ValueError, match="x has 32 features, the weight takes 64"):
         native.quant_linear(torch.randn(2, 32), weight)
     assert native.quant_row_bytes(int(Q.Q4_1), 64) == 40 and native.quant_row_bytes(int(Q.Q4_K), 512) == 288
-    assert native.quant_row_bytes(int(Q.Q4_K), 64) == native.quant_row_bytes(int(Q.Q6_K), 256) == 0
+    assert native.quant_row_bytes(int(Q.Q4_K), 64) == native.quant_row_bytes(int(Q.Q2_K), 256) == 0
 
 
 def test_gguf_linear_reads_blocks_for_few_rows_and_the_dense_layer_for_many() -> None:
@@ -150,7 +150,7 @@ def test_use_gguf_blocks_wraps_only_layers_the_blocks_fit(max_rows: int | None) 
         {"fits": torch.nn.Linear(64, 16, bias=False), "biased": torch.nn.Linear(64, 16), "wrong_shape": torch.nn.Linear(64, 8, bias=False)}
     )
     found = {name: (int(Q.Q4_0), blocks) for name in ("fits", "biased", "wrong_shape")}
-    found["unknown_type"] = (int(Q.Q6_K), blocks)
+    found["unknown_type"] = (int(Q.Q2_K), blocks)
     dense_weight = weakref.ref(model["fits"].weight)
     assert use_gguf_blocks(model, found, max_rows) == 1
     assert isinstance(model["fits"], GGUFLinear)
@@ -211,7 +211,8 @@ def test_blocks_are_kept_only_when_every_shard_has_one_type(tmp_path: Path, make
     torch.testing.assert_close(logits(model, IDS[:4]), before, rtol=1e-4, atol=1e-4)
 
 
-def test_a_q4_k_model_multiplies_from_its_blocks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("qtype", list(K_QUANT_SCALES), ids=lambda q: q.name)
+def test_a_k_quant_model_multiplies_from_its_blocks(tmp_path: Path, qtype: Q) -> None:
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         vocab_size=97, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
@@ -219,18 +220,18 @@ def test_a_q4_k_model_multiplies_from_its_blocks(tmp_path: Path) -> None:
     )  # fmt: skip
     torch.manual_seed(0)
     hf_model = transformers.LlamaForCausalLM(config).eval()
-    # gguf-py cannot quantize Q4_K: each matrix becomes random blocks, and the reference model
-    # gets what they dequantize to.
+    # gguf-py cannot quantize the K-quants: each matrix becomes random blocks, and the reference
+    # model gets what they dequantize to.
     stored = write_llama_gguf(
-        tmp_path / "q4k.gguf", hf_model, Q.Q4_K, quantize=lambda w, qtype: quantized(*w.shape, qtype)[0].numpy()
+        tmp_path / "k.gguf", hf_model, qtype, quantize=lambda w, qtype: quantized(*w.shape, qtype)[0].numpy()
     )
     hf_model.load_state_dict(stored, strict=False)
-    model = load_gguf(tmp_path / "q4k.gguf", torch.float32, CPU, progress=False).model
+    model = load_gguf(tmp_path / "k.gguf", torch.float32, CPU, progress=False).model
     found = model.gguf_linear_blocks()
     assert set(found) == {"layers.0.self_attn.qkv_proj", "layers.0.self_attn.o_proj", "layers.0.mlp.gate_up_proj",
                           "layers.0.mlp.down_proj", "lm_head"}  # fmt: skip
     for path, (ggml_type, blocks) in found.items():
-        assert ggml_type == int(Q.Q4_K)
+        assert ggml_type == int(qtype)
         weight = model.get_submodule(path).weight
         assert torch.equal(dense_from_blocks(ggml_type, blocks, weight.shape[1]), weight), path
     assert use_gguf_blocks(model, found, None) == 5
