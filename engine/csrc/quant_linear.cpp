@@ -1,8 +1,7 @@
-// y = x @ W.T for float32 activations and a GGUF block-quantized weight (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K,
-// Q6_K),
-// repacked once at load into panels that are dequantized on the fly. Decoding reads every weight
-// once per step for a handful of rows, so the step is bound by reading and unpacking weights: a
-// packed Q4_1 weight is 6 bits instead of float32's 32.
+// y = x @ W.T for float32 activations and a GGUF block-quantized weight (Q4_0, Q4_1, Q8_0, Q4_K,
+// Q5_K, Q6_K), repacked once at load into panels that are dequantized on the fly. Decoding reads
+// every weight once per step for a handful of rows, so the step is bound by reading and unpacking
+// weights: a packed Q4_1 weight is 6 bits instead of float32's 32 (Q8_0, Q5_K: 10; Q6_K: 12).
 //
 // Packed layout (tw_quant_pack): the output features in panels of 16 (the last one padded with
 // zero weights); a panel is K / G groups, each holding G consecutive k for its 16 features (G = 32,
@@ -62,8 +61,8 @@ constexpr int64_t block_bytes(int type) {
   }
 }
 
-// NOTE: Q5_K's and Q6_K's quants (0-31, 0-63) take the 8-bit form: a 5- or 6-bit one would cost
-// more to unpack than it saves.
+// NOTE: Q5_K's and Q6_K's quants (0-31, 0-63) take the 8-bit form, which unpacks as Q8_0's does
+// (one widening per eight weights); their split high bits are put together once, at load.
 constexpr int quant_bits(int type) { return type == kQ4_0 || type == kQ4_1 || type == kQ4_K ? 4 : 8; }
 constexpr int group_size(int type) { return type == kQ6_K ? 16 : 32; }
 // Bytes of one group of a panel: scales, offsets, quants.
