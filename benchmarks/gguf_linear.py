@@ -10,6 +10,7 @@ import torch
 
 from tokenwire.engine import native
 from tokenwire.engine.loader import load_model
+from tokenwire.engine.models.gguf_linear import GGUFLinear
 from tokenwire.engine.models.packed_linear import PackedLinear, can_prepack
 
 
@@ -41,12 +42,12 @@ def main() -> None:
         blocks.pop("lm_head", None)
     dense: list[tuple[torch.nn.Module, int]] = []
     quant: list[tuple[torch.nn.Module, int]] = []
-    for path, (ggml_type, raw) in blocks.items():
+    for path, parts in blocks.items():
         linear = model.get_submodule(path)
-        k, n = linear.in_features, linear.out_features
+        k = linear.in_features
         # NOTE: the dense side as the engine runs it: oneDNN-packed where torch has oneDNN.
         dense.append((PackedLinear(linear) if can_prepack(torch.float32, torch.device("cpu")) else linear, k))
-        quant.append((lambda x, w=native.quant_pack(ggml_type, raw, k): native.quant_linear(x, w), k))
+        quant.append((GGUFLinear(None, [native.quant_pack(t, raw, k) for t, raw in parts], None), k))
     flops = sum(2 * layer.in_features * layer.out_features for layer in (model.get_submodule(p) for p in blocks))
     print(f"{len(blocks)} matmuls, {flops / 2e6:.0f} M weights; threads: {torch.get_num_threads()}")
     print("| rows | dense float32 ms | GGUF blocks ms | speed-up (median of rounds) | blocks GFLOP/s |")

@@ -362,11 +362,12 @@ def quant_pack(ggml_type: int, blocks: torch.Tensor, in_features: int) -> Packed
     return PackedWeight(ggml_type, in_features, out_features, data)
 
 
-def quant_linear(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+def quant_linear(x: torch.Tensor, weight: PackedWeight, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` in float32 for W packed by ``quant_pack``: [..., in_features] -> [..., out_features].
 
     Equals ``F.linear(x, dequantized W)`` up to summation order; a row gives the same bits alone
-    and in any batch.
+    and in any batch. ``out``, for 2-d x: a float32 [rows, out_features] view with unit column
+    stride (columns of a wider result) to write into and return.
     """
     lib = _loaded_library()
     k = x.shape[-1]
@@ -376,10 +377,13 @@ def quant_linear(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
         raise ValueError(f"x has {k} features, the weight takes {weight.in_features}")
     rows = _rows(x, k)
     n = weight.out_features
-    out = torch.empty((rows.shape[0], n), dtype=torch.float32)
+    if out is None:
+        out = torch.empty((rows.shape[0], n), dtype=torch.float32)
+    elif x.dim() != 2 or out.dtype != torch.float32 or out.shape != (rows.shape[0], n) or out.stride(1) != 1:
+        raise ValueError(f"out {out.dtype} {tuple(out.shape)}: need float32 [{rows.shape[0]}, {n}] with unit column stride")
     rc = lib.tw_quant_linear(
         weight.ggml_type, rows.data_ptr(), rows.stride(0), rows.shape[0], k, weight.data.data_ptr(), n,
-        out.data_ptr(), n, torch.get_num_threads(),
+        out.data_ptr(), out.stride(0), torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:  # NOTE: quant_pack checked the type and K; only a hand-made PackedWeight gets here
         raise ValueError(f"GGUF type {weight.ggml_type} with K={k}: not a packed weight the kernel takes")

@@ -34,42 +34,55 @@ class GGUFLinear(nn.Module):
 
     Args:
         dense: the dense layer, for steps of more than ``max_rows`` rows; None with ``max_rows`` None.
-        packed: the weight as ``native.quant_pack`` packs it.
+        parts: the weight's rows in order, as ``native.quant_pack`` packs them: one part, or one
+            per run of shards of one type in a fused weight whose shards have different types.
         max_rows: most rows that read the blocks; None for any number.
     """
 
-    def __init__(self, dense: nn.Module | None, packed: native.PackedWeight, max_rows: int | None) -> None:
+    def __init__(self, dense: nn.Module | None, parts: list[native.PackedWeight], max_rows: int | None) -> None:
         super().__init__()
         if (dense is None) != (max_rows is None):
             raise ValueError("a dense layer is needed exactly when the blocks serve at most max_rows rows")
+        if not parts or len({p.in_features for p in parts}) != 1:
+            raise ValueError("need one or more packed parts with the same in_features")
         self.dense = dense
-        self.in_features = packed.in_features
-        self.out_features = packed.out_features
-        # NOTE: a plain attribute, not a buffer: state_dict() and .to() must not see raw bytes.
-        self.packed = packed
-        self._max_elements = 0 if max_rows is None else max_rows * packed.in_features
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        # NOTE: plain attributes, not buffers: state_dict() and .to() must not see raw bytes.
+        self.parts = parts
+        self._max_elements = 0 if max_rows is None else max_rows * self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] float32 -> [..., out_features]."""
-        if self.dense is None or x.numel() <= self._max_elements:
-            return native.quant_linear(x, self.packed)
-        return self.dense(x)
+        if self.dense is not None and x.numel() > self._max_elements:
+            return self.dense(x)
+        if len(self.parts) == 1:
+            return native.quant_linear(x, self.parts[0])
+        rows = x.reshape(-1, self.in_features)
+        out = torch.empty((rows.shape[0], self.out_features), dtype=torch.float32)
+        start = 0
+        for part in self.parts:  # NOTE: each part writes its own columns of the result
+            native.quant_linear(rows, part, out=out[:, start : start + part.out_features])
+            start += part.out_features
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, ggml_type={self.packed.ggml_type}"
+        types = "+".join(str(p.ggml_type) for p in self.parts)
+        return f"in_features={self.in_features}, out_features={self.out_features}, ggml_type={types}"
 
 
-def use_gguf_blocks(model: nn.Module, blocks: dict[str, tuple[int, torch.Tensor]], max_rows: int | None) -> int:
-    """Wrap each linear layer named in ``blocks`` (module path -> (GGUF type, blocks)) in a ``GGUFLinear``.
+def use_gguf_blocks(model: nn.Module, blocks: dict[str, list[tuple[int, torch.Tensor]]], max_rows: int | None) -> int:
+    """Wrap each linear layer named in ``blocks`` in a ``GGUFLinear``.
 
-    Only for a float32 CPU model with the native kernels loaded (``native.available``); a layer
-    with a bias, or whose blocks do not match its shape or a type the kernel takes, stays as it is.
-    With ``max_rows`` None (``block_rows_limit()`` where the blocks serve any size) a wrapped
-    layer lets go of its dense weight, unless another module shares it (a tied embedding).
-    Returns how many layers were wrapped.
+    ``blocks``: module path -> the weight's rows in order as (GGUF type, [rows, bytes] blocks)
+    parts, as ``gguf_linear_blocks`` gives them. Only for a float32 CPU model with the native
+    kernels loaded (``native.available``); a layer with a bias, or whose parts do not add up to
+    its shape or have a type the kernel does not take, stays as it is. With ``max_rows`` None
+    (``block_rows_limit()`` where the blocks serve any size) a wrapped layer lets go of its dense
+    weight, unless another module shares it (a tied embedding). Returns how many layers were wrapped.
     """
     wrapped = 0
-    for path, (ggml_type, raw) in blocks.items():
+    for path, parts in blocks.items():
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         layer = getattr(parent, name, None)
@@ -77,10 +90,13 @@ def use_gguf_blocks(model: nn.Module, blocks: dict[str, tuple[int, torch.Tensor]
         out_features = getattr(layer, "out_features", None)
         if layer is None or in_features is None or getattr(layer, "bias", None) is not None:
             continue
-        row_bytes = native.quant_row_bytes(ggml_type, in_features)
-        if not row_bytes or tuple(raw.shape) != (out_features, row_bytes):
+        fits = all(
+            raw.dim() == 2 and raw.shape[1] == native.quant_row_bytes(ggml_type, in_features) != 0
+            for ggml_type, raw in parts
+        )
+        if not fits or sum(raw.shape[0] for _, raw in parts) != out_features:
             continue
-        packed = native.quant_pack(ggml_type, raw, in_features)
+        packed = [native.quant_pack(ggml_type, raw, in_features) for ggml_type, raw in parts]
         setattr(parent, name, GGUFLinear(None if max_rows is None else layer, packed, max_rows))
         wrapped += 1
     return wrapped

@@ -390,21 +390,27 @@ class LlamaForCausalLM(nn.Module):
             target, shard, _ = where
             self._gguf_parts.setdefault(target, {})[shard or 0] = (ggml_type, blocks)
 
-    def gguf_linear_blocks(self) -> dict[str, tuple[int, torch.Tensor]]:
-        """Linear module path -> (GGUF type, [out_features, bytes] blocks) where the whole weight has them.
+    def gguf_linear_blocks(self) -> dict[str, list[tuple[int, torch.Tensor]]]:
+        """Linear module path -> its weight's rows as GGUF blocks, where every shard came as blocks.
 
-        A fused weight qualifies when every shard came as blocks of one type. Hands the blocks
-        over: a second call returns nothing.
+        Each part is (GGUF type, [rows, bytes] blocks), in row order: one part, or for a fused
+        weight whose shards have different types (a Q4_K_M file's q/k/v with a Q6_K value) one
+        per run of shards of one type. Hands the blocks over: a second call returns nothing.
         """
-        found: dict[str, tuple[int, torch.Tensor]] = {}
-        for target, parts in self._gguf_parts.items():
-            if len(parts) != self._num_shards(target) or len({t for t, _ in parts.values()}) != 1:
+        found: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for target, shards in self._gguf_parts.items():
+            if len(shards) != self._num_shards(target):
                 continue
-            blocks = torch.cat([parts[i][1] for i in sorted(parts)]) if len(parts) > 1 else parts[0][1]
-            entry = (next(iter(parts.values()))[0], blocks.contiguous())
-            found[target.removesuffix(".weight")] = entry
+            runs: list[tuple[int, list[torch.Tensor]]] = []
+            for ggml_type, blocks in (shards[i] for i in sorted(shards)):
+                if runs and runs[-1][0] == ggml_type:
+                    runs[-1][1].append(blocks)
+                else:
+                    runs.append((ggml_type, [blocks]))
+            parts = [(t, torch.cat(b) if len(b) > 1 else b[0].contiguous()) for t, b in runs]
+            found[target.removesuffix(".weight")] = parts
             if target == "embed_tokens.weight" and self.config.tie_word_embeddings:
-                found["lm_head"] = entry
+                found["lm_head"] = parts
         found.pop("embed_tokens", None)  # NOTE: a lookup, not a matmul: the dense table serves it.
         self._gguf_parts = {}
         return found

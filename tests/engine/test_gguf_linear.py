@@ -115,6 +115,8 @@ def test_refuses_what_it_cannot_read() -> None:
         native.quant_linear(torch.randn(2, 64, dtype=torch.float64), weight)
     with pytest.raises(ValueError, match="x has 32 features, the weight takes 64"):
         native.quant_linear(torch.randn(2, 32), weight)
+    with pytest.raises(ValueError, match=r"need float32 \[2, 8\] with unit column stride"):
+        native.quant_linear(torch.randn(2, 64), weight, out=torch.empty(8, 2).T)
     assert native.quant_row_bytes(int(Q.Q4_1), 64) == 40 and native.quant_row_bytes(int(Q.Q4_K), 512) == 288
     assert native.quant_row_bytes(int(Q.Q4_K), 64) == native.quant_row_bytes(int(Q.Q2_K), 256) == 0
 
@@ -123,7 +125,7 @@ def test_gguf_linear_reads_blocks_for_few_rows_and_the_dense_layer_for_many() ->
     blocks, dense_w = quantized(48, 64, Q.Q8_0)
     dense = torch.nn.Linear(64, 48, bias=False)
     dense.weight.data = dense_w
-    layer = GGUFLinear(dense, native.quant_pack(int(Q.Q8_0), blocks, 64), MAX_BLOCK_ROWS)
+    layer = GGUFLinear(dense, [native.quant_pack(int(Q.Q8_0), blocks, 64)], MAX_BLOCK_ROWS)
     calls: list[int] = []
     dense.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     for rows in (1, MAX_BLOCK_ROWS, MAX_BLOCK_ROWS + 1):
@@ -134,13 +136,13 @@ def test_gguf_linear_reads_blocks_for_few_rows_and_the_dense_layer_for_many() ->
 
 def test_gguf_linear_without_a_dense_copy_reads_the_blocks_for_any_rows() -> None:
     blocks, dense_w = quantized(48, 64, Q.Q4_1)
-    layer = GGUFLinear(None, native.quant_pack(int(Q.Q4_1), blocks, 64), None)
+    layer = GGUFLinear(None, [native.quant_pack(int(Q.Q4_1), blocks, 64)], None)
     x = torch.randn(3 * MAX_BLOCK_ROWS, 64)
     out = layer(x)
     assert torch.equal(out[:5], layer(x[:5]))  # the same path, so the same bits
     torch.testing.assert_close(out, F.linear(x, dense_w), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="dense layer is needed exactly when"):
-        GGUFLinear(None, layer.packed, MAX_BLOCK_ROWS)
+        GGUFLinear(None, layer.parts, MAX_BLOCK_ROWS)
 
 
 @pytest.mark.parametrize("max_rows", [MAX_BLOCK_ROWS, None], ids=["with-dense", "blocks-only"])
@@ -149,8 +151,8 @@ def test_use_gguf_blocks_wraps_only_layers_the_blocks_fit(max_rows: int | None) 
     model = torch.nn.ModuleDict(
         {"fits": torch.nn.Linear(64, 16, bias=False), "biased": torch.nn.Linear(64, 16), "wrong_shape": torch.nn.Linear(64, 8, bias=False)}
     )
-    found = {name: (int(Q.Q4_0), blocks) for name in ("fits", "biased", "wrong_shape")}
-    found["unknown_type"] = (int(Q.Q2_K), blocks)
+    found = {name: [(int(Q.Q4_0), blocks)] for name in ("fits", "biased", "wrong_shape")}
+    found["unknown_type"] = [(int(Q.Q2_K), blocks)]
     dense_weight = weakref.ref(model["fits"].weight)
     assert use_gguf_blocks(model, found, max_rows) == 1
     assert isinstance(model["fits"], GGUFLinear)
@@ -174,11 +176,12 @@ def test_the_default_model_hands_over_blocks_for_every_matmul_row_for_row() -> N
     per_layer = {f"layers.{i}.{m}" for i in range(model.config.num_layers) for m in
                  ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}  # fmt: skip
     assert set(found) == per_layer | {"lm_head"}
-    assert found["lm_head"][0] == int(Q.Q8_0) and found["layers.0.mlp.down_proj"][0] == int(Q.Q4_1)
+    assert [t for t, _ in found["lm_head"]] == [int(Q.Q8_0)]
+    assert [t for t, _ in found["layers.0.mlp.down_proj"]] == [int(Q.Q4_1)]
     # Fused q/k/v (q and k un-permuted from llama.cpp's order) and the tied LM head: each block
     # row is the dense weight's row.
     for path in ("layers.0.self_attn.qkv_proj", "layers.29.mlp.gate_up_proj", "lm_head"):
-        ggml_type, blocks = found[path]
+        [(ggml_type, blocks)] = found[path]
         weight = model.get_submodule(path).weight
         assert torch.equal(dense_from_blocks(ggml_type, blocks, weight.shape[1]), weight), path
     assert model.gguf_linear_blocks() == {}
@@ -194,20 +197,41 @@ def test_the_engine_serves_every_matmul_of_the_default_model_from_its_blocks() -
     assert all((m.dense is None) == (block_rows_limit() is None) for m in layers)
 
 
-def test_blocks_are_kept_only_when_every_shard_has_one_type(tmp_path: Path, make_tiny_hf_llama: Any) -> None:
+def test_blocks_are_kept_only_when_every_shard_has_them(tmp_path: Path, make_tiny_hf_llama: Any) -> None:
     hf_model = make_tiny_hf_llama(tmp_path / "hf", tied=False, seed=5)
-    # The value projection stays float32, so the fused q/k/v has no blocks of one type.
+    # The value projection stays float32, so the fused q/k/v has no blocks for all its rows.
     v = hf_model.model.layers[0].self_attn.v_proj.weight.detach().float().numpy()
     stored = write_llama_gguf(tmp_path / "tiny.gguf", hf_model, Q.Q8_0, override={"blk.0.attn_v.weight": v})
     model = load_gguf(tmp_path / "tiny.gguf", torch.float32, CPU, progress=False).model
     found = model.gguf_linear_blocks()
     assert "layers.0.self_attn.qkv_proj" not in found
     assert {"layers.0.self_attn.o_proj", "layers.0.mlp.gate_up_proj", "lm_head"} <= set(found)
-    assert torch.equal(dense_from_blocks(*found["lm_head"], hf_model.config.hidden_size), stored["lm_head.weight"])
+    assert torch.equal(dense_from_blocks(*found["lm_head"][0], hf_model.config.hidden_size), stored["lm_head.weight"])
     # Wrapped, the model computes what it computed dense (decode-sized rows read the blocks).
     before = logits(model, IDS[:4])
     assert use_gguf_blocks(model, found, MAX_BLOCK_ROWS) == len(found)
     assert isinstance(model.lm_head, GGUFLinear)
+    torch.testing.assert_close(logits(model, IDS[:4]), before, rtol=1e-4, atol=1e-4)
+
+
+def test_a_fused_weight_whose_shards_have_different_types_multiplies_from_each(
+    tmp_path: Path, make_tiny_hf_llama: Any
+) -> None:
+    hf_model = make_tiny_hf_llama(tmp_path / "hf", tied=False, seed=6)
+    # As in a Q4_K_M file, whose q/k/v often has a value of another type than q and k.
+    v = hf_model.model.layers[0].self_attn.v_proj.weight.detach().float().numpy()
+    v_blocks = gguf.quants.quantize(v, Q.Q4_0)
+    write_llama_gguf(tmp_path / "tiny.gguf", hf_model, Q.Q8_0, override={"blk.0.attn_v.weight": (v_blocks, Q.Q4_0)})
+    model = load_gguf(tmp_path / "tiny.gguf", torch.float32, CPU, progress=False).model
+    found = model.gguf_linear_blocks()
+    parts = found["layers.0.self_attn.qkv_proj"]
+    assert [t for t, _ in parts] == [int(Q.Q8_0), int(Q.Q4_0)]  # q and k together, then v
+    hidden = hf_model.config.hidden_size
+    qkv = model.get_submodule("layers.0.self_attn.qkv_proj").weight
+    assert torch.equal(torch.cat([dense_from_blocks(t, b, hidden) for t, b in parts]), qkv)
+    before = logits(model, IDS[:4])
+    assert use_gguf_blocks(model, found, None) == len(found)
+    assert len(model.get_submodule("layers.0.self_attn.qkv_proj").parts) == 2
     torch.testing.assert_close(logits(model, IDS[:4]), before, rtol=1e-4, atol=1e-4)
 
 
@@ -230,7 +254,7 @@ def test_a_k_quant_model_multiplies_from_its_blocks(tmp_path: Path, qtype: Q) ->
     found = model.gguf_linear_blocks()
     assert set(found) == {"layers.0.self_attn.qkv_proj", "layers.0.self_attn.o_proj", "layers.0.mlp.gate_up_proj",
                           "layers.0.mlp.down_proj", "lm_head"}  # fmt: skip
-    for path, (ggml_type, blocks) in found.items():
+    for path, [(ggml_type, blocks)] in found.items():
         assert ggml_type == int(qtype)
         weight = model.get_submodule(path).weight
         assert torch.equal(dense_from_blocks(ggml_type, blocks, weight.shape[1]), weight), path

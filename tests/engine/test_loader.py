@@ -65,13 +65,14 @@ def write_llama_gguf(
     qtype: Q = Q.F32,
     *,
     arch: str = "llama",
-    override: dict[str, np.ndarray] | None = None,
+    override: dict[str, np.ndarray | tuple[np.ndarray, Q]] | None = None,
     quantize: Callable[[np.ndarray, Q], np.ndarray] = gguf.quants.quantize,
 ) -> dict[str, torch.Tensor]:
     """Write a transformers LLaMA as llama.cpp would: GGUF names, permuted q/k, matrices in ``qtype``.
 
-    Norms stay float32 as llama.cpp keeps them. ``override`` replaces tensors by GGUF name;
-    ``quantize`` makes a matrix's blocks (a stand-in for types gguf-py cannot quantize).
+    Norms stay float32 as llama.cpp keeps them. ``override`` replaces tensors by GGUF name (an
+    array, or blocks and their type); ``quantize`` makes a matrix's blocks (a stand-in for types
+    gguf-py cannot quantize).
 
     Returns:
         the Hugging Face state dict as stored (matrices dequantized back), for a reference model.
@@ -97,7 +98,12 @@ def write_llama_gguf(
         name = gguf_name(hf_name)
         w = tensor.float().numpy()
         if override and name in override:
-            writer.add_tensor(name, override[name])
+            given = override[name]
+            if isinstance(given, tuple):  # (blocks, their type): a matrix of another type than qtype
+                writer.add_tensor(name, given[0], raw_dtype=given[1])
+                stored[hf_name] = torch.from_numpy(gguf.quants.dequantize(given[0], given[1]).reshape(w.shape))
+            else:
+                writer.add_tensor(name, given)
             continue
         if w.ndim == 2 and qtype != Q.F32:
             data = quantize(w, qtype)
