@@ -20,9 +20,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCE_DIR = Path(__file__).with_name("csrc")
-_ABI_VERSION = 5
-# Element-type codes of the C entry point.
+_ABI_VERSION = 6
+# Element-type codes of the C entry points: the kernels compute in float32 and take tensors of
+# these types; a KV cache may also be float16 (a float32 or bfloat16 model's narrower cache).
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_CACHE_DTYPE_CODES = {**_DTYPE_CODES, torch.float16: 2}
 _BUILD_TIMEOUT_S = 300
 # GGUF quantization types (ggml's ids) that ``quant_linear`` multiplies from: Q4_0, Q4_1, Q8_0, Q4_K,
 # Q5_K, Q6_K.
@@ -165,7 +167,7 @@ def _library() -> ctypes.CDLL | None:
             return None
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
         signatures = {
-            "tw_paged_decode_attention": [i32, p, p, p, i64, p, i64, i64, p, p, i64, i64, i64, i64, i64, f32, i32],
+            "tw_paged_decode_attention": [i32, i32, p, p, p, i64, p, i64, i64, p, p, i64, i64, i64, i64, i64, f32, i32],
             "tw_rms_norm": [i32, p, i64, p, p, i64, i64, i64, f32, i32],
             "tw_rotary": [i32, p, i64, i64, i64, i64, p, p, i32],
             "tw_silu_and_mul": [i32, p, i64, p, i64, i64, i32],
@@ -204,17 +206,21 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """One query token per sequence, attending in place through the block tables.
 
-    Shapes: q: [S, H_q, D]; caches: [num_blocks, block_size, H_kv, D] (contiguous, q's dtype);
-    block_tables: [S, W] int64; context_lens: [S] int64, each in [1, W * block_size]. Returns [S, H_q, D].
+    Shapes: q: [S, H_q, D] (float32 or bfloat16); caches: [num_blocks, block_size, H_kv, D]
+    (contiguous, one dtype: float32, bfloat16 or float16); block_tables: [S, W] int64;
+    context_lens: [S] int64, each in [1, W * block_size]. Returns [S, H_q, D] in q's dtype.
 
     Raises:
         RuntimeError: the library is not loaded (check ``decode_kernel()`` first).
         ValueError: a tensor that the kernel cannot read as it is.
     """
     lib = _loaded_library()
-    code = _DTYPE_CODES.get(q.dtype)
-    if code is None or not q.dtype == k_cache.dtype == v_cache.dtype:
-        raise ValueError(f"dtypes {q.dtype}, {k_cache.dtype}, {v_cache.dtype}: need one of float32, bfloat16")
+    code, cache_code = _DTYPE_CODES.get(q.dtype), _CACHE_DTYPE_CODES.get(k_cache.dtype)
+    if code is None or cache_code is None or k_cache.dtype != v_cache.dtype:
+        raise ValueError(
+            f"dtypes q {q.dtype}, caches {k_cache.dtype} and {v_cache.dtype}: need q float32 or bfloat16, "
+            "and both caches one of float32, bfloat16, float16"
+        )
     if not (q.is_cpu and k_cache.is_cpu and v_cache.is_cpu and block_tables.is_cpu and context_lens.is_cpu):
         raise ValueError("every tensor must be on the CPU")
     if not block_tables.dtype == context_lens.dtype == torch.int64:
@@ -241,7 +247,7 @@ def paged_decode_attention(
     lens = context_lens.contiguous()
     out = torch.empty((num_seqs, h_q, d), dtype=q.dtype)
     rc = lib.tw_paged_decode_attention(
-        code, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), num_blocks, tables.data_ptr(),
+        code, cache_code, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), num_blocks, tables.data_ptr(),
         tables.stride(0), tables.shape[1], lens.data_ptr(), out.data_ptr(), num_seqs, h_q, h_kv, d,
         block_size, scale, torch.get_num_threads(),
     )  # fmt: skip
@@ -395,9 +401,11 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in _DTYPE_CODES and _library() is not None
 
 
-def decode_kernel(device: torch.device, dtype: torch.dtype) -> DecodeKernel | None:
-    """The native decode-attention kernel for tensors on this device and dtype, or None.
+def decode_kernel(device: torch.device, dtype: torch.dtype, cache_dtype: torch.dtype | None = None) -> DecodeKernel | None:
+    """The native decode-attention kernel for a model on this device and dtype, or None.
 
-    Only CPU tensors of float32 or bfloat16 have one; the first call builds it (about a second).
+    Only CPU models of float32 or bfloat16 have one, over caches of float32, bfloat16 or float16
+    (``cache_dtype``, by default the model's); the first call builds it (about a second).
     """
-    return paged_decode_attention if available(device, dtype) else None
+    cache_ok = (cache_dtype or dtype) in _CACHE_DTYPE_CODES
+    return paged_decode_attention if cache_ok and available(device, dtype) else None

@@ -1,4 +1,5 @@
-// Element types shared by the kernels: float32 and bfloat16 (stored as uint16_t), computed in float32.
+// Element types shared by the kernels: float32, bfloat16 (stored as uint16_t) and float16 (Half),
+// computed in float32.
 #pragma once
 
 #include <cstdint>
@@ -15,6 +16,40 @@ namespace tw {
 
 constexpr int kFloat32 = 0;
 constexpr int kBFloat16 = 1;
+constexpr int kFloat16 = 2;
+
+// An IEEE half-precision number, by its bits (a type of its own, so that overloads tell it from
+// bfloat16).
+struct Half {
+  uint16_t bits;
+};
+
+// The float32 value of a half's bits (exact: every half is a float32).
+inline float half_to_float(uint16_t h) {
+#ifdef TW_AVX2
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (mant << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {  // subnormal half: normalize
+    exp = 113;
+    while (!(mant & 0x400u)) {
+      mant <<= 1;
+      --exp;
+    }
+    bits = sign | (exp << 23) | ((mant & 0x3FFu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
 
 inline float to_float(float x) { return x; }
 inline float to_float(uint16_t x) {
@@ -23,6 +58,7 @@ inline float to_float(uint16_t x) {
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
+inline float to_float(Half x) { return half_to_float(x.bits); }
 
 inline void store(float x, float* dst) { *dst = x; }
 inline void store(float x, uint16_t* dst) {

@@ -79,32 +79,11 @@ inline void q4k_scale_min(const uint8_t* sc, int j, int& scale, int& min) {
   }
 }
 
-float half_to_float(const uint8_t* p) {
+// The half-precision number stored (little-endian, unaligned) at p, as GGUF stores its scales.
+float half_at(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, sizeof h);
-#ifdef TW_AVX2
-  return _cvtsh_ss(h);
-#else
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu, bits;
-  if (exp == 0x1F) {
-    bits = sign | 0x7F800000u | (mant << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (mant << 13);
-  } else if (mant == 0) {
-    bits = sign;
-  } else {  // subnormal half: normalize
-    exp = 113;
-    while (!(mant & 0x400u)) {
-      mant <<= 1;
-      --exp;
-    }
-    bits = sign | (exp << 23) | ((mant & 0x3FFu) << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-#endif
+  return tw::half_to_float(h);
 }
 
 // Group g (weights Gg..Gg+G-1, G = group_size(type)) of a GGUF row: its scale, offset and quants,
@@ -113,13 +92,13 @@ void read_group(int type, const uint8_t* row, int64_t g, float& scale, float& of
   const int64_t groups = block_elems(type) / group_size(type);
   const uint8_t* b = row + (g / groups) * block_bytes(type);
   if (type == kQ8_0) {
-    scale = half_to_float(b);
+    scale = half_at(b);
     offset = 0.f;
     for (int i = 0; i < 32; ++i) q[i] = static_cast<int8_t>(b[2 + i]);
   } else if (type == kQ4_0 || type == kQ4_1) {
     // Low nibbles are elements 0-15, high nibbles 16-31.
-    scale = half_to_float(b);
-    offset = type == kQ4_0 ? -8.f * scale : half_to_float(b + 2);
+    scale = half_at(b);
+    offset = type == kQ4_0 ? -8.f * scale : half_at(b + 2);
     const uint8_t* qs = b + (type == kQ4_1 ? 4 : 2);
     for (int i = 0; i < 16; ++i) {
       q[i] = qs[i] & 0x0F;
@@ -131,7 +110,7 @@ void read_group(int type, const uint8_t* row, int64_t g, float& scale, float& of
     const int j = static_cast<int>(g % groups), h = j / 8, s = (j % 8) / 2, l0 = (j % 2) * 16;
     const uint8_t* ql = b + 64 * h + (s & 1) * 32;
     const uint8_t* qh = b + 128 + 32 * h;
-    scale = half_to_float(b + 208) * static_cast<float>(static_cast<int8_t>(b[192 + 8 * h + 2 * s + j % 2]));
+    scale = half_at(b + 208) * static_cast<float>(static_cast<int8_t>(b[192 + 8 * h + 2 * s + j % 2]));
     offset = -32.f * scale;
     for (int i = 0; i < 16; ++i) {
       const int l = l0 + i;
@@ -141,8 +120,8 @@ void read_group(int type, const uint8_t* row, int64_t g, float& scale, float& of
     const int j = static_cast<int>(g % groups);
     int sc, mn;
     q4k_scale_min(b + 4, j, sc, mn);
-    scale = half_to_float(b) * static_cast<float>(sc);
-    offset = -(half_to_float(b + 2) * static_cast<float>(mn));
+    scale = half_at(b) * static_cast<float>(sc);
+    offset = -(half_at(b + 2) * static_cast<float>(mn));
     const uint8_t* qh = b + 16;  // Q5_K: bit j of byte i is the fifth bit of weight i of sub-block j
     const uint8_t* qs = b + (type == kQ5_K ? 48 : 16) + (j / 2) * 32;
     for (int i = 0; i < 32; ++i) {

@@ -33,6 +33,9 @@ def test_the_kernel_builds_and_loads_where_a_compiler_exists() -> None:
     assert native.decode_kernel(torch.device("cpu"), torch.float32) is native.paged_decode_attention
     assert native.decode_kernel(torch.device("cpu"), torch.bfloat16) is native.paged_decode_attention
     assert native.decode_kernel(torch.device("cpu"), torch.float16) is None
+    # A float16 cache is read by the kernel of a float32 or bfloat16 model.
+    assert native.decode_kernel(torch.device("cpu"), torch.float32, torch.float16) is native.paged_decode_attention
+    assert native.decode_kernel(torch.device("cpu"), torch.float32, torch.float64) is None
     assert native.decode_kernel(torch.device("meta"), torch.float32) is None
 
 
@@ -88,6 +91,30 @@ def test_bfloat16_matches_sdpa_to_bfloat16_precision(kernel: native.DecodeKernel
     torch.testing.assert_close(out.float(), reference(q, kc, vc, tables, lens, 0.125), rtol=0, atol=2**-7)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("h_q", "h_kv", "d", "num_seqs"),
+    [(9, 3, 64, 12), (9, 3, 64, 1), (4, 4, 32, 12), (8, 2, 128, 12), (16, 2, 64, 12), (8, 2, 16, 12), (9, 3, 36, 5)],
+    ids=["tiles-of-3", "task-per-head", "mha", "tiles-3+1", "tiles-3+3+2", "d16-eight-token-path", "d36-generic"],
+)
+def test_a_narrow_cache_gives_what_float32_gives_on_its_values(
+    kernel: native.DecodeKernel, cache_dtype: torch.dtype, h_q: int, h_kv: int, d: int, num_seqs: int
+) -> None:
+    """A 16-bit cache is widened exactly and then computed on as float32: with AVX2 (the tiles that
+    load each key once for up to three query heads where D is a multiple of 32, the eight-token
+    path elsewhere), the same bits as the float32 kernel over a float32 copy of the cache; the
+    generic loops, which the compiler may vectorize differently per type, agree to rounding."""
+    q, kc, vc, tables, padded, lens = random_case(11 + d + h_q, h_q, h_kv, d, 16, torch.float32, num_seqs)
+    narrow_k, narrow_v = kc.to(cache_dtype), vc.to(cache_dtype)
+    out = kernel(q, narrow_k, narrow_v, padded, torch.tensor(lens), d**-0.5)
+    assert out.dtype == torch.float32
+    wide = kernel(q, narrow_k.float(), narrow_v.float(), padded, torch.tensor(lens), d**-0.5)
+    if d % 8 == 0 and native.has_avx2_paths():
+        assert torch.equal(out, wide)
+    torch.testing.assert_close(out, wide, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, reference(q, narrow_k, narrow_v, tables, lens, d**-0.5), rtol=1e-5, atol=1e-5)
+
+
 def test_out_of_range_tables_and_lengths_are_refused_before_any_read(kernel: native.DecodeKernel) -> None:
     q, kc, vc, _, padded, lens = random_case(3, 4, 2, 16, 4, torch.float32, num_seqs=3)
     too_long = torch.tensor(lens)
@@ -102,6 +129,8 @@ def test_out_of_range_tables_and_lengths_are_refused_before_any_read(kernel: nat
         kernel(q, kc, vc, outside, torch.tensor(lens), 0.25)
     with pytest.raises(ValueError, match="dtypes"):
         kernel(q.double(), kc, vc, padded, torch.tensor(lens), 0.25)
+    with pytest.raises(ValueError, match="both caches one of float32, bfloat16, float16"):
+        kernel(q, kc.half(), vc, padded, torch.tensor(lens), 0.25)
     with pytest.raises(ValueError, match="int64"):
         kernel(q, kc, vc, padded.int(), torch.tensor(lens), 0.25)
 
