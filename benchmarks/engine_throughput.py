@@ -101,7 +101,11 @@ def run_ours(llm: LLM, prompts: list[list[int]], gen: int, dtype: str) -> Result
     after = llm.stats()
     drafted = after.draft_tokens_total - before.draft_tokens_total
     accepted = after.accepted_draft_tokens_total - before.accepted_draft_tokens_total
-    system = "tokenwire" if not llm.args.speculative_tokens else f"tokenwire+spec{llm.args.speculative_tokens}"
+    system = "tokenwire"
+    if llm.args.speculative_tokens:
+        system += f"+spec{llm.args.speculative_tokens}"
+    if llm.args.kv_cache_dtype != "auto":
+        system += f"+kv-{llm.args.kv_cache_dtype}"
     return Result(system, dtype, len(prompts), sum(len(o.token_ids) for o in outs), dt, drafted, accepted)
 
 
@@ -160,6 +164,8 @@ def main() -> int:
                         help="chat-templated questions instead of corpus slices (text that does not quote itself)")
     parser.add_argument("--speculative-tokens", type=int, default=0,
                         help="also run ours with n-gram speculative decoding (and, alone, transformers with prompt lookup)")
+    parser.add_argument("--kv-cache-dtype", choices=["float32", "bfloat16", "float16"],
+                        help="also run ours with this KV cache dtype (a narrower cache than the model's)")
     parser.add_argument("--trials", type=int, default=1,
                         help="run each configuration this many times, the systems alternating; ratios are then also given as the median of each trial's ratio")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -172,6 +178,8 @@ def main() -> int:
         llms = [LLM(**engine_kwargs)]  # type: ignore[arg-type]
         if args.speculative_tokens:
             llms.append(LLM(speculative_tokens=args.speculative_tokens, **engine_kwargs))  # type: ignore[arg-type]
+        if args.kv_cache_dtype:
+            llms.append(LLM(kv_cache_dtype=args.kv_cache_dtype, **engine_kwargs))  # type: ignore[arg-type]
         tok = llms[0].tokenizer
         if args.chat:
             prompt_sets = {n: chat_prompts(tok, n) for n in args.requests}

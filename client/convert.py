@@ -183,6 +183,7 @@ def model_info_from_pb(response: pb.GetModelInfoResponse) -> ModelInfo:
         kv_blocks_total=response.kv_blocks_total,
         max_num_seqs=response.max_num_seqs,
         has_chat_template=response.has_chat_template,
+        kv_cache_dtype=response.kv_cache_dtype,
     )
 
 

@@ -153,12 +153,13 @@ class ModelInfo:
         vocab_size: size of the vocabulary.
         max_context_length: most tokens (prompt plus completion) one request may hold.
         eos_token_ids: tokens that end a completion unless ignore_eos is set.
-        dtype: dtype of weights and KV cache.
+        dtype: dtype of weights and activations.
         device: where the model runs.
         kv_block_size: tokens per KV cache block.
         kv_blocks_total: blocks in the KV cache pool.
         max_num_seqs: most sequences in one engine step.
         has_chat_template: whether chat prompts are accepted.
+        kv_cache_dtype: the KV cache's element type ("" from a server too old to say).
     """
 
     model_name: str
@@ -172,6 +173,7 @@ class ModelInfo:
     kv_blocks_total: int
     max_num_seqs: int
     has_chat_template: bool
+    kv_cache_dtype: str = ""
 
 
 class SamplingKwargs(TypedDict, total=False):

@@ -178,7 +178,8 @@ def paged_attention(
     """Causal attention for a flat batch through the paged KV cache.
 
     Shapes: q: [T, H_q, D]; k, v: [T, H_kv, D] (this step's, already position-encoded);
-    caches: [num_blocks, block_size, H_kv, D]. Returns [T, H_q, D]. H_q must be a multiple of H_kv
+    caches: [num_blocks, block_size, H_kv, D], in q's dtype or another (a narrower cache is read back
+    in q's dtype). Returns [T, H_q, D]. H_q must be a multiple of H_kv
     (grouped-query attention).
     """
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -198,9 +199,10 @@ def paged_attention(
         qs = q[s : s + n].transpose(0, 1)  # [H_q, n, D]
         if chunk.context_len == n:
             # NOTE: no earlier context: attend to this step's own keys with the is_causal fast path,
-            # skipping a gather from the pool.
-            ks, vs = k[s : s + n].transpose(0, 1), v[s : s + n].transpose(0, 1)
-            o = _chunk_sdpa(qs, ks.to(qs.dtype), vs.to(qs.dtype), None, scale)
+            # skipping a gather from the pool. They are rounded as the pool holds them (a no-op
+            # unless the cache is narrower), so that a prompt sees the same keys in one chunk or in several.
+            ks, vs = (t[s : s + n].to(k_cache.dtype).transpose(0, 1).to(qs.dtype) for t in (k, v))
+            o = _chunk_sdpa(qs, ks, vs, None, scale)
         else:
             ks = _gather(k_cache, chunk.block_table, chunk.context_len).transpose(0, 1).to(qs.dtype)
             vs = _gather(v_cache, chunk.block_table, chunk.context_len).transpose(0, 1).to(qs.dtype)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 # On CUDA a float budget is a fraction of the memory still free after the weights are loaded.
 DEFAULT_CUDA_KV_CACHE_FRACTION = 0.85
+# What dtype and kv_cache_dtype take.
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -17,11 +19,16 @@ class EngineArgs:
 
     Attributes:
         model: a .gguf file, a Hugging Face folder, or None for the embedded default model.
-        dtype: "auto", "float32", "bfloat16" or "float16" (weights, activations and KV cache).
+        dtype: "auto", "float32", "bfloat16" or "float16" (weights and activations; the KV cache
+            too, unless ``kv_cache_dtype`` says otherwise).
         device: "auto", "cpu", "cuda" or "cuda:N".
         block_size: tokens per KV cache block.
         kv_cache_memory: the pool's size: bytes (int), or a fraction (0, 1] of free CUDA memory;
             None picks the device's default.
+        kv_cache_dtype: the KV cache's element type: "auto" (the model's dtype), "float32",
+            "bfloat16" or "float16". A 16-bit cache for a float32 model holds twice the tokens in
+            the same memory, and decode attention, which reads every cached key and value each
+            step, reads half the bytes; each key and value is rounded once, when it is written.
         max_num_seqs: most sequences in one step.
         max_num_batched_tokens: most tokens (decodes plus prompt chunks) in one step.
         max_queued_requests: most requests waiting for admission; past it, requests are rejected.
@@ -45,6 +52,7 @@ class EngineArgs:
     device: str = "auto"
     block_size: int = 16
     kv_cache_memory: int | float | None = None
+    kv_cache_dtype: str = "auto"
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     max_queued_requests: int = 1024
@@ -57,8 +65,9 @@ class EngineArgs:
     native_kernels: bool = True
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        for name in ("dtype", "kv_cache_dtype"):
+            if getattr(self, name) not in DTYPE_NAMES:
+                raise ValueError(f"{name} must be auto, float32, bfloat16 or float16, got {getattr(self, name)!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.block_size < 1 or self.block_size > 1024:

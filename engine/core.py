@@ -49,11 +49,12 @@ class EngineCore:
         if native_ops:
             enable_native_ops(model)
         spec = model.kv_cache_spec
-        num_blocks = num_blocks_for_budget(spec, loaded.dtype, args.block_size, self._kv_budget_bytes())
+        self.kv_cache_dtype = loaded.dtype if args.kv_cache_dtype == "auto" else getattr(torch, args.kv_cache_dtype)
+        num_blocks = num_blocks_for_budget(spec, self.kv_cache_dtype, args.block_size, self._kv_budget_bytes())
         if num_blocks < 2:
             raise ValueError(
                 f"kv_cache_memory={args.kv_cache_memory!r} holds {num_blocks} blocks of {args.block_size} tokens; "
-                f"at least 2 are needed ({spec.bytes_per_token(loaded.dtype) * args.block_size} bytes per block)"
+                f"at least 2 are needed ({spec.bytes_per_token(self.kv_cache_dtype) * args.block_size} bytes per block)"
             )
         # NOTE: a request may never need more blocks than the whole pool, so that one sequence
         # alone always fits and preemption always ends; longer contexts are cut here, not hung.
@@ -63,7 +64,13 @@ class EngineCore:
         drafter = self._draft if args.speculative_tokens else None
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, args.max_num_batched_tokens, drafter)
         self.runner = ModelRunner(
-            model, num_blocks, args.block_size, loaded.dtype, loaded.device, native_kernels=args.native_kernels
+            model,
+            num_blocks,
+            args.block_size,
+            loaded.dtype,
+            loaded.device,
+            native_kernels=args.native_kernels,
+            cache_dtype=self.kv_cache_dtype,
         )
         self.sampler = Sampler(seed=args.seed, device=loaded.device)
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
@@ -295,6 +302,7 @@ class EngineCore:
             max_context_length=self.max_model_len,
             eos_token_ids=tuple(sorted(self.eos_token_ids)),
             dtype=str(loaded.dtype).removeprefix("torch."),
+            kv_cache_dtype=str(self.kv_cache_dtype).removeprefix("torch."),
             device=str(loaded.device),
             kv_block_size=self.args.block_size,
             kv_blocks_total=self.block_manager.num_blocks,

@@ -15,6 +15,7 @@ class ModelInfo:
     max_context_length: int
     eos_token_ids: tuple[int, ...]
     dtype: str
+    kv_cache_dtype: str
     device: str
     kv_block_size: int
     kv_blocks_total: int

@@ -39,8 +39,8 @@ def num_blocks_for_budget(spec: KVCacheSpec, dtype: torch.dtype, block_size: int
 class ModelRunner:
     """Runs the model over flat batches. The only owner of KV tensors.
 
-    The pool is one pair of tensors per layer, [num_blocks, block_size, H_kv, D], in the model's dtype
-    on its device. Block tables come from the block manager as plain lists; here they become slot
+    The pool is one pair of tensors per layer, [num_blocks, block_size, H_kv, D], in the cache dtype
+    (by default the model's) on the model's device. Block tables come from the block manager as plain lists; here they become slot
     mappings (where new keys go) and padded tables (where attention reads).
     """
 
@@ -53,6 +53,7 @@ class ModelRunner:
         device: torch.device,
         batch_prefills: bool | None = None,
         native_kernels: bool = True,
+        cache_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -63,11 +64,12 @@ class ModelRunner:
         self.batch_prefills = device.type == "cuda" if batch_prefills is None else batch_prefills
         # NOTE: on CPU, decodes attend through a native kernel that reads keys and values in place
         # (5x faster than gathering them for SDPA at 64 sequences); it is built here, at load time.
-        self.decode_kernel: DecodeKernel | None = decode_kernel(device, dtype) if native_kernels else None
+        cache_dtype = cache_dtype or dtype
+        self.decode_kernel: DecodeKernel | None = decode_kernel(device, dtype, cache_dtype) if native_kernels else None
         spec = model.kv_cache_spec
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (torch.zeros(shape, dtype=cache_dtype, device=device), torch.zeros(shape, dtype=cache_dtype, device=device))
             for _ in range(spec.num_layers)
         ]
 

@@ -164,6 +164,7 @@ class TokenwireServer:
             model=info.model_name,
             architecture=info.architecture,
             dtype=info.dtype,
+            kv_cache_dtype=info.kv_cache_dtype,
             device=info.device,
             kv_blocks_total=info.kv_blocks_total,
             max_context_length=info.max_context_length,

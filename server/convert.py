@@ -191,6 +191,7 @@ def model_info_to_pb(info: ModelInfo) -> pb.GetModelInfoResponse:
         max_context_length=info.max_context_length,
         eos_token_ids=list(info.eos_token_ids),
         dtype=info.dtype,
+        kv_cache_dtype=info.kv_cache_dtype,
         device=info.device,
         kv_block_size=info.kv_block_size,
         kv_blocks_total=info.kv_blocks_total,

@@ -29,6 +29,8 @@ class Settings:
         device: "auto", "cpu", "cuda" or "cuda:N".
         block_size: tokens per KV cache block.
         kv_cache_memory: KV pool size in bytes, or a fraction (0, 1] of free CUDA memory; None: default.
+        kv_cache_dtype: the KV cache's element type: "auto" (the model's dtype), "float32",
+            "bfloat16" or "float16" (twice the tokens in the same memory for a float32 model).
         max_num_seqs: most sequences in one engine step.
         max_num_batched_tokens: most tokens in one engine step.
         max_queued_requests: most requests waiting for admission; more are rejected (RESOURCE_EXHAUSTED).
@@ -66,6 +68,7 @@ class Settings:
     device: str = "auto"
     block_size: int = 16
     kv_cache_memory: int | float | None = None
+    kv_cache_dtype: str = "auto"
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     max_queued_requests: int = 1024
@@ -134,6 +137,7 @@ class Settings:
             device=self.device,
             block_size=self.block_size,
             kv_cache_memory=self.kv_cache_memory,
+            kv_cache_dtype=self.kv_cache_dtype,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_queued_requests=self.max_queued_requests,
@@ -287,6 +291,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("device", str, "auto, cpu, cuda or cuda:N", "DEVICE"),
     _Option("block_size", int, "tokens per KV cache block", "N"),
     _Option("kv_cache_memory", parse_kv_cache_memory, "KV pool: bytes (2GiB) or a fraction of free CUDA memory", "SIZE"),
+    _Option("kv_cache_dtype", str, "KV cache element type: auto (the model's), float32, bfloat16 or float16", "DTYPE"),
     _Option("max_num_seqs", int, "most sequences per engine step", "N"),
     _Option("max_num_batched_tokens", int, "most tokens per engine step", "N"),
     _Option("max_queued_requests", int, "most waiting requests before RESOURCE_EXHAUSTED", "N"),

@@ -193,8 +193,8 @@ def test_tokenize_and_model_info(stub: pb_grpc.GenerationServiceStub, engine: An
         expected.model_name, expected.architecture, expected.vocab_size)
     assert info.max_context_length == expected.max_context_length
     assert list(info.eos_token_ids) == list(expected.eos_token_ids) and info.eos_token_ids
-    assert (info.dtype, info.device, info.kv_block_size, info.kv_blocks_total) == (
-        expected.dtype, expected.device, expected.kv_block_size, expected.kv_blocks_total)
+    assert (info.dtype, info.kv_cache_dtype, info.device, info.kv_block_size, info.kv_blocks_total) == (
+        expected.dtype, expected.kv_cache_dtype, expected.device, expected.kv_block_size, expected.kv_blocks_total)
     assert info.has_chat_template
 
 

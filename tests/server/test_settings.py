@@ -43,6 +43,9 @@ def test_engine_args_follow_settings() -> None:
     assert args.speculative_tokens == 0  # off unless asked for
     spec = settings_from(["--speculative-tokens", "5"], {"TOKENWIRE_SPECULATIVE_MAX_BATCH": "2"}).engine_args()
     assert (spec.speculative_tokens, spec.speculative_max_batch) == (5, 2)
+    assert s.engine_args().kv_cache_dtype == "auto"  # the model's dtype unless asked
+    assert settings_from(["--kv-cache-dtype", "float16"]).engine_args().kv_cache_dtype == "float16"
+    assert settings_from([], {"TOKENWIRE_KV_CACHE_DTYPE": "bfloat16"}).kv_cache_dtype == "bfloat16"
 
 
 @pytest.mark.parametrize(
@@ -60,6 +63,7 @@ def test_engine_args_follow_settings() -> None:
         (["--max-num-seqs", "0"], {}, "max_num_seqs"),  # checked by EngineArgs, named by it
         (["--speculative-tokens", "-1"], {}, "speculative_tokens"),
         (["--dtype", "int3"], {}, "dtype"),
+        (["--kv-cache-dtype", "fp8"], {}, "kv_cache_dtype"),
         (["--max-connection-age", "0"], {}, "max_connection_age"),
     ],
 )
