@@ -189,6 +189,15 @@ constexpr int64_t kTileHeads = 3;
 // heads q0..q0+NQ-1 and four tokens (keys) or four column vectors (values).
 #define TW_HEADS(F) F(0) F(1) F(2)
 #define TW_ZERO4(h) __m256 a##h##0 = zero, a##h##1 = zero, a##h##2 = zero, a##h##3 = zero;
+// a0j, a1j, a2j += s_0, s_1, s_2 times one vector loaded from src (a key's or a value's), for the
+// tile's NQ heads: the vector is loaded once for all of them.
+#define TW_FMA_HEADS(j, src)                                          \
+  {                                                                   \
+    const __m256 x = load8(src);                                      \
+    a0##j = _mm256_fmadd_ps(s_0, x, a0##j);                           \
+    if constexpr (NQ > 1) a1##j = _mm256_fmadd_ps(s_1, x, a1##j);     \
+    if constexpr (NQ > 2) a2##j = _mm256_fmadd_ps(s_2, x, a2##j);     \
+  }
 
 // scores[q, t0..t0+n) for NQ query heads from q0 of one KV head (at column col of each token's
 // row), n <= 4 tokens, each key vector loaded once for every head of the tile.
@@ -202,18 +211,10 @@ inline void key_tile(const Task& task, const T* keys, int64_t q0, int64_t col, i
   TW_HEADS(TW_ZERO4)
   for (int64_t d = 0; d < D; d += 8) {
     // The tile's query vectors stay in registers while each token's key vector is loaded once.
-    const __m256 q_0 = _mm256_loadu_ps(q + d);
-    const __m256 q_1 = NQ > 1 ? _mm256_loadu_ps(q + D + d) : zero;
-    const __m256 q_2 = NQ > 2 ? _mm256_loadu_ps(q + 2 * D + d) : zero;
-#define TW_KEY(j)                                                     \
-  {                                                                   \
-    const __m256 x = load8(k[j] + d);                                 \
-    a0##j = _mm256_fmadd_ps(q_0, x, a0##j);                           \
-    if constexpr (NQ > 1) a1##j = _mm256_fmadd_ps(q_1, x, a1##j);     \
-    if constexpr (NQ > 2) a2##j = _mm256_fmadd_ps(q_2, x, a2##j);     \
-  }
-    TW_KEY(0) TW_KEY(1) TW_KEY(2) TW_KEY(3)
-#undef TW_KEY
+    const __m256 s_0 = _mm256_loadu_ps(q + d);
+    const __m256 s_1 = NQ > 1 ? _mm256_loadu_ps(q + D + d) : zero;
+    const __m256 s_2 = NQ > 2 ? _mm256_loadu_ps(q + 2 * D + d) : zero;
+    TW_FMA_HEADS(0, k[0] + d) TW_FMA_HEADS(1, k[1] + d) TW_FMA_HEADS(2, k[2] + d) TW_FMA_HEADS(3, k[3] + d)
   }
 #define TW_STORE_SCORES(h)                                                        \
   if constexpr (NQ > h) {                                                         \
@@ -247,18 +248,10 @@ inline void value_tile(const Task& task, const T* values, const float* probs, in
   for (int64_t t = t0; t < t1; ++t) {
     const T* v = values + task.offsets[t] + col;
     // The tile's weights for this token stay in registers while each value vector is loaded once.
-    const __m256 p_0 = _mm256_broadcast_ss(probs + q0 * len + t);
-    const __m256 p_1 = NQ > 1 ? _mm256_broadcast_ss(probs + (q0 + 1) * len + t) : zero;
-    const __m256 p_2 = NQ > 2 ? _mm256_broadcast_ss(probs + (q0 + 2) * len + t) : zero;
-#define TW_VALUE(j)                                                   \
-  {                                                                   \
-    const __m256 x = load8(v + 8 * j);                                \
-    a0##j = _mm256_fmadd_ps(p_0, x, a0##j);                           \
-    if constexpr (NQ > 1) a1##j = _mm256_fmadd_ps(p_1, x, a1##j);     \
-    if constexpr (NQ > 2) a2##j = _mm256_fmadd_ps(p_2, x, a2##j);     \
-  }
-    TW_VALUE(0) TW_VALUE(1) TW_VALUE(2) TW_VALUE(3)
-#undef TW_VALUE
+    const __m256 s_0 = _mm256_broadcast_ss(probs + q0 * len + t);
+    const __m256 s_1 = NQ > 1 ? _mm256_broadcast_ss(probs + (q0 + 1) * len + t) : zero;
+    const __m256 s_2 = NQ > 2 ? _mm256_broadcast_ss(probs + (q0 + 2) * len + t) : zero;
+    TW_FMA_HEADS(0, v) TW_FMA_HEADS(1, v + 8) TW_FMA_HEADS(2, v + 16) TW_FMA_HEADS(3, v + 24)
   }
 #define TW_STORE_ACC(h)                                      \
   if constexpr (NQ > h) {                                    \
@@ -271,6 +264,7 @@ inline void value_tile(const Task& task, const T* values, const float* probs, in
   TW_HEADS(TW_STORE_ACC)
 #undef TW_STORE_ACC
 }
+#undef TW_FMA_HEADS
 #undef TW_ZERO4
 #undef TW_HEADS
 
