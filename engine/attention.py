@@ -179,8 +179,7 @@ def paged_attention(
 
     Shapes: q: [T, H_q, D]; k, v: [T, H_kv, D] (this step's, already position-encoded);
     caches: [num_blocks, block_size, H_kv, D], in q's dtype or another (a narrower cache is read back
-    in q's dtype). Returns [T, H_q, D]. H_q must be a multiple of H_kv
-    (grouped-query attention).
+    in q's dtype). Returns [T, H_q, D]. H_q must be a multiple of H_kv (grouped-query attention).
     """
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     nd = meta.num_decode_tokens
@@ -200,7 +199,8 @@ def paged_attention(
         if chunk.context_len == n:
             # NOTE: no earlier context: attend to this step's own keys with the is_causal fast path,
             # skipping a gather from the pool. They are rounded as the pool holds them (a no-op
-            # unless the cache is narrower), so that a prompt sees the same keys in one chunk or in several.
+            # unless the cache is narrower), so that a prompt sees the same keys in one chunk or
+            # in several.
             ks, vs = (t[s : s + n].to(k_cache.dtype).transpose(0, 1).to(qs.dtype) for t in (k, v))
             o = _chunk_sdpa(qs, ks, vs, None, scale)
         else:

@@ -40,8 +40,9 @@ class ModelRunner:
     """Runs the model over flat batches. The only owner of KV tensors.
 
     The pool is one pair of tensors per layer, [num_blocks, block_size, H_kv, D], in the cache dtype
-    (by default the model's) on the model's device. Block tables come from the block manager as plain lists; here they become slot
-    mappings (where new keys go) and padded tables (where attention reads).
+    (by default the model's) on the model's device. Block tables come from the block manager as
+    plain lists; here they become slot mappings (where new keys go) and padded tables (where
+    attention reads).
     """
 
     def __init__(
