@@ -8,7 +8,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from tokenwire.engine.native import DecodeKernel
+from tokenwire.engine.native import DecodeKernel, PrefillKernel
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,21 @@ class PrefillBatch:
 
 
 @dataclass(frozen=True)
+class PrefillTables:
+    """All prefill chunks of a step as the native prefill kernel takes them (no padding of queries).
+
+    Attributes:
+        block_tables: [C, W] int64 block ids of each chunk's context, padded with 0.
+        query_lens: [C] int64 query tokens of each chunk, which follow one another in the flat batch.
+        context_lens: [C] int64 context length after this step.
+    """
+
+    block_tables: torch.Tensor
+    query_lens: torch.Tensor
+    context_lens: torch.Tensor
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """Everything attention needs to know about one flat batch; built by the runner, passed as an argument.
 
@@ -70,6 +85,9 @@ class AttentionMetadata:
             Empty: one group of every decode over the whole width. See ``group_decodes``.
         decode_kernel: when set, decodes attend through it, reading keys and values in place
             (``native.paged_decode_attention``); groups and the mask are then unused.
+        prefill_kernel: when set (with ``prefill_tables``), every prefill chunk of the step attends
+            through it in one call, reading keys and values in place (``native.paged_prefill_attention``).
+        prefill_tables: the chunks' tables and lengths for ``prefill_kernel``.
     """
 
     slot_mapping: torch.Tensor
@@ -81,6 +99,8 @@ class AttentionMetadata:
     prefill_batch: PrefillBatch | None = None
     decode_groups: tuple[tuple[int, int], ...] = ()
     decode_kernel: DecodeKernel | None = None
+    prefill_kernel: PrefillKernel | None = None
+    prefill_tables: PrefillTables | None = None
 
     @cached_property
     def decode_mask(self) -> torch.Tensor:
@@ -185,6 +205,12 @@ def paged_attention(
     nd = meta.num_decode_tokens
     if nd == q.shape[0]:
         return _decode_attention(q, k_cache, v_cache, meta, scale)  # a step of decodes only
+    if meta.prefill_kernel is not None and meta.prefill_tables is not None:
+        t = meta.prefill_tables
+        prefill = meta.prefill_kernel(
+            q[nd:], k_cache, v_cache, t.block_tables, t.query_lens, t.context_lens, _scale(q, scale)
+        )
+        return torch.cat((_decode_attention(q[:nd], k_cache, v_cache, meta, scale), prefill)) if nd else prefill
     out = torch.empty_like(q)
     h_q, h_kv = q.shape[1], k.shape[1]
     gqa = h_q != h_kv
@@ -251,6 +277,11 @@ def _chunk_sdpa(
     return o[0]
 
 
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    """The softmax scale a native kernel takes: SDPA's default, 1/sqrt(head size), unless given."""
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
 def _decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -260,10 +291,7 @@ def _decode_attention(
 ) -> torch.Tensor:
     """One query per sequence; one batched SDPA call per group of decodes (no loop over sequences)."""
     if meta.decode_kernel is not None:
-        d = q.shape[-1]
-        return meta.decode_kernel(
-            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, d**-0.5 if scale is None else scale
-        )
+        return meta.decode_kernel(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, _scale(q, scale))
     groups = meta.decode_groups or ((q.shape[0], meta.decode_block_tables.shape[1]),)
     if len(groups) == 1:
         return _decode_group(q, k_cache, v_cache, meta, 0, *groups[0], scale)

@@ -20,7 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCE_DIR = Path(__file__).with_name("csrc")
-_ABI_VERSION = 6
+_ABI_VERSION = 7
 # Element-type codes of the C entry points: the kernels compute in float32 and take tensors of
 # these types; a KV cache may also be float16 (a float32 or bfloat16 model's narrower cache).
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
@@ -32,6 +32,10 @@ GGUF_KERNEL_TYPES = frozenset({2, 3, 8, 12, 13, 14})
 
 DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 """``(q, k_cache, v_cache, block_tables, context_lens, scale) -> out``, as ``paged_decode_attention``."""
+PrefillKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
+]
+"""``(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale) -> out``, as ``paged_prefill_attention``."""
 
 _lock = threading.Lock()
 _loaded: ctypes.CDLL | None = None
@@ -168,6 +172,7 @@ def _library() -> ctypes.CDLL | None:
         p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
         signatures = {
             "tw_paged_decode_attention": [i32, i32, p, p, p, i64, p, i64, i64, p, p, i64, i64, i64, i64, i64, f32, i32],
+            "tw_paged_prefill_attention": [i32, i32, p, p, p, i64, p, i64, i64, p, p, p, i64, i64, i64, i64, i64, f32, i32],
             "tw_rms_norm": [i32, p, i64, p, p, i64, i64, i64, f32, i32],
             "tw_rotary": [i32, p, i64, i64, i64, i64, p, p, i32],
             "tw_silu_and_mul": [i32, p, i64, p, i64, i64, i32],
@@ -196,6 +201,45 @@ def _loaded_library() -> ctypes.CDLL:
 # reads, and make no tensor they can avoid.
 
 
+def _attention_codes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]:
+    """The element-type codes of an attention kernel's queries and caches, once they are checked."""
+    code, cache_code = _DTYPE_CODES.get(q.dtype), _CACHE_DTYPE_CODES.get(k_cache.dtype)
+    if code is None or cache_code is None or k_cache.dtype != v_cache.dtype:
+        raise ValueError(
+            f"dtypes q {q.dtype}, caches {k_cache.dtype} and {v_cache.dtype}: need q float32 or bfloat16, "
+            "and both caches one of float32, bfloat16, float16"
+        )
+    return code, cache_code
+
+
+def _check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, *lens: torch.Tensor) -> None:
+    """What both attention kernels need of their tensors: on the CPU, caches [num_blocks, block_size,
+    H_kv, D] contiguous, q [T, H_q, D] with H_q a multiple of H_kv, int64 tables [N, W] and lengths [N]."""
+    if not (q.is_cpu and k_cache.is_cpu and v_cache.is_cpu and block_tables.is_cpu and all(n.is_cpu for n in lens)):
+        raise ValueError("every tensor must be on the CPU")
+    if block_tables.dtype != torch.int64 or any(n.dtype != torch.int64 for n in lens):
+        raise ValueError("block tables and lengths must be int64")
+    if not (
+        q.dim() == 3
+        and k_cache.dim() == 4
+        and k_cache.shape == v_cache.shape
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and q.shape[2] == k_cache.shape[3]
+        and q.shape[1] % k_cache.shape[2] == 0
+        and block_tables.dim() == 2
+        and all(n.shape == block_tables.shape[:1] for n in lens)
+    ):
+        raise ValueError(
+            f"shapes q {tuple(q.shape)}, caches {tuple(k_cache.shape)} (contiguous), "
+            f"tables {tuple(block_tables.shape)}, lengths {[tuple(n.shape) for n in lens]}"
+        )
+
+
+def _table_rows(block_tables: torch.Tensor) -> torch.Tensor:
+    return block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -215,35 +259,14 @@ def paged_decode_attention(
         ValueError: a tensor that the kernel cannot read as it is.
     """
     lib = _loaded_library()
-    code, cache_code = _DTYPE_CODES.get(q.dtype), _CACHE_DTYPE_CODES.get(k_cache.dtype)
-    if code is None or cache_code is None or k_cache.dtype != v_cache.dtype:
-        raise ValueError(
-            f"dtypes q {q.dtype}, caches {k_cache.dtype} and {v_cache.dtype}: need q float32 or bfloat16, "
-            "and both caches one of float32, bfloat16, float16"
-        )
-    if not (q.is_cpu and k_cache.is_cpu and v_cache.is_cpu and block_tables.is_cpu and context_lens.is_cpu):
-        raise ValueError("every tensor must be on the CPU")
-    if not block_tables.dtype == context_lens.dtype == torch.int64:
-        raise ValueError("block_tables and context_lens must be int64")
-    if not (
-        q.dim() == 3
-        and k_cache.dim() == 4
-        and k_cache.shape == v_cache.shape
-        and k_cache.is_contiguous()
-        and v_cache.is_contiguous()
-        and q.shape[2] == k_cache.shape[3]
-        and q.shape[1] % k_cache.shape[2] == 0
-        and block_tables.dim() == 2
-        and context_lens.shape == (q.shape[0],) == block_tables.shape[:1]
-    ):
-        raise ValueError(
-            f"shapes q {tuple(q.shape)}, caches {tuple(k_cache.shape)} (contiguous), "
-            f"tables {tuple(block_tables.shape)}, lengths {tuple(context_lens.shape)}"
-        )
+    code, cache_code = _attention_codes(q, k_cache, v_cache)
+    _check_paged(q, k_cache, v_cache, block_tables, context_lens)
+    if context_lens.shape[0] != q.shape[0]:
+        raise ValueError(f"{q.shape[0]} queries and {context_lens.shape[0]} context lengths")
     num_seqs, h_q, d = q.shape
     num_blocks, block_size, h_kv, _ = k_cache.shape
     q = q.contiguous()
-    tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    tables = _table_rows(block_tables)
     lens = context_lens.contiguous()
     out = torch.empty((num_seqs, h_q, d), dtype=q.dtype)
     rc = lib.tw_paged_decode_attention(
@@ -253,6 +276,54 @@ def paged_decode_attention(
     )  # fmt: skip
     if rc != 0:
         raise ValueError("a context length exceeds its block table, or a block id is outside the pool")
+    return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_lens: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of prompt chunks, reading their keys and values in place through the block tables.
+
+    Shapes: q: [T, H_q, D] (float32 or bfloat16), the chunks' queries one after another (chunk c's
+    are the ``query_lens[c]`` rows after the earlier chunks'); caches as for
+    ``paged_decode_attention``; block_tables: [C, W] int64; query_lens, context_lens: [C] int64,
+    with ``1 <= query_lens[c] <= context_lens[c] <= W * block_size``. Chunk c's queries sit at
+    positions ``context_lens[c] - query_lens[c]`` onwards, and each sees the keys up to its own
+    position, all of which must be in the pool. Returns [T, H_q, D] in q's dtype.
+
+    Raises:
+        RuntimeError: the library is not loaded (check ``prefill_kernel()`` first).
+        ValueError: a tensor that the kernel cannot read as it is, or lengths that do not add up.
+    """
+    lib = _loaded_library()
+    code, cache_code = _attention_codes(q, k_cache, v_cache)
+    _check_paged(q, k_cache, v_cache, block_tables, query_lens, context_lens)
+    num_tokens, h_q, d = q.shape
+    qlens = query_lens.contiguous()
+    # NOTE: a sum over the chunks (a handful per step), checked so that the C code cannot read past q.
+    if int(qlens.sum()) != num_tokens:
+        raise ValueError(f"query lengths add up to {int(qlens.sum())}, q has {num_tokens} rows")
+    num_blocks, block_size, h_kv, _ = k_cache.shape
+    q = q.contiguous()
+    tables = _table_rows(block_tables)
+    lens = context_lens.contiguous()
+    out = torch.empty((num_tokens, h_q, d), dtype=q.dtype)
+    rc = lib.tw_paged_prefill_attention(
+        code, cache_code, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), num_blocks, tables.data_ptr(),
+        tables.stride(0), tables.shape[1], qlens.data_ptr(), lens.data_ptr(), out.data_ptr(), qlens.shape[0], h_q,
+        h_kv, d, block_size, scale, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise ValueError(
+            "a query length is not in [1, context length], a context length exceeds its block table, "
+            "or a block id is outside the pool"
+        )
     return out
 
 
@@ -401,11 +472,19 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in _DTYPE_CODES and _library() is not None
 
 
+def _has_attention_kernels(device: torch.device, dtype: torch.dtype, cache_dtype: torch.dtype | None) -> bool:
+    return (cache_dtype or dtype) in _CACHE_DTYPE_CODES and available(device, dtype)
+
+
 def decode_kernel(device: torch.device, dtype: torch.dtype, cache_dtype: torch.dtype | None = None) -> DecodeKernel | None:
     """The native decode-attention kernel for a model on this device and dtype, or None.
 
     Only CPU models of float32 or bfloat16 have one, over caches of float32, bfloat16 or float16
     (``cache_dtype``, by default the model's); the first call builds it (about a second).
     """
-    cache_ok = (cache_dtype or dtype) in _CACHE_DTYPE_CODES
-    return paged_decode_attention if cache_ok and available(device, dtype) else None
+    return paged_decode_attention if _has_attention_kernels(device, dtype, cache_dtype) else None
+
+
+def prefill_kernel(device: torch.device, dtype: torch.dtype, cache_dtype: torch.dtype | None = None) -> PrefillKernel | None:
+    """The native prompt-attention kernel for a model on this device and dtype, or None (as ``decode_kernel``)."""
+    return paged_prefill_attention if _has_attention_kernels(device, dtype, cache_dtype) else None

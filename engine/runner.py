@@ -6,9 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenwire.engine.attention import AttentionMetadata, PrefillChunk, build_prefill_batch, group_decodes
+from tokenwire.engine.attention import (
+    AttentionMetadata,
+    PrefillChunk,
+    PrefillTables,
+    build_prefill_batch,
+    group_decodes,
+)
 from tokenwire.engine.models.base import EngineModel, KVCacheSpec
-from tokenwire.engine.native import DecodeKernel, decode_kernel
+from tokenwire.engine.native import DecodeKernel, PrefillKernel, decode_kernel, prefill_kernel
 from tokenwire.engine.scheduler import ScheduledSequence, SchedulerOutput
 
 
@@ -24,9 +30,9 @@ class RunnerOutput:
     logits: torch.Tensor  # [sum of num_sampled_rows, vocab] float32
 
 
-# Chunks of at most this many tokens attend as decode rows when the native kernel is present (a
-# decode with drafts, a prompt's tail after a prefix-cache hit); each row rereads its sequence's
-# keys, so longer chunks stay with SDPA.
+# Chunks of at most this many tokens attend as decode rows when the native decode kernel is
+# present (a decode with drafts; without the prefill kernel, also a prompt's short tail after a
+# prefix-cache hit); each row rereads its sequence's keys, so longer chunks take a chunk's path.
 _MAX_CHUNK_AS_ROWS = 16
 
 
@@ -67,12 +73,25 @@ class ModelRunner:
         # (5x faster than gathering them for SDPA at 64 sequences); it is built here, at load time.
         cache_dtype = cache_dtype or dtype
         self.decode_kernel: DecodeKernel | None = decode_kernel(device, dtype, cache_dtype) if native_kernels else None
+        # NOTE: and prompt chunks through another, which reads them in place too and skips the key
+        # tiles a causal mask hides (1.5-2x SDPA's flash kernel on the default model's chunks).
+        self.prefill_kernel: PrefillKernel | None = prefill_kernel(device, dtype, cache_dtype) if native_kernels else None
         spec = model.kv_cache_spec
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [
             (torch.zeros(shape, dtype=cache_dtype, device=device), torch.zeros(shape, dtype=cache_dtype, device=device))
             for _ in range(spec.num_layers)
         ]
+
+    def _prefill_tables(self, chunks: list[PrefillChunk], tables: list[list[int]]) -> PrefillTables:
+        """The chunks' block tables, padded to the widest, and their lengths, for the prefill kernel."""
+        width = max(len(t) for t in tables)
+        dev = self.device
+        return PrefillTables(
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev),
+            query_lens=torch.tensor([c.query_len for c in chunks], dtype=torch.long, device=dev),
+            context_lens=torch.tensor([c.context_len for c in chunks], dtype=torch.long, device=dev),
+        )
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
@@ -91,12 +110,18 @@ class ModelRunner:
         # With the native kernel, a short chunk (a decode with drafts, a tiny prompt) attends as
         # one decode row per token, each with its own context length: cheaper than a chunk's
         # gather and SDPA call per layer, and exact, since each row sees the keys up to its own.
+        # With the prefill kernel too, only drafts do: they must give the bits a plain decode
+        # gives, and every prompt token then goes through one kernel, which gives a prompt the
+        # same bits however the scheduler splits it.
         limit = _MAX_CHUNK_AS_ROWS if self.decode_kernel is not None else 1
-        as_rows = [p for p in out.prefills if p.num_new_tokens <= limit]
-        chunks = [p for p in out.prefills if p.num_new_tokens > limit]
+        prompts_as_rows = self.prefill_kernel is None or self.batch_prefills
+        is_row = [p.num_new_tokens <= limit and (bool(p.draft_token_ids) or prompts_as_rows) for p in out.prefills]
+        as_rows = [p for p, row in zip(out.prefills, is_row) if row]
+        chunks = [p for p, row in zip(out.prefills, is_row) if not row]
         row_tables: list[list[int]] = []
         row_lens: list[int] = []
-        for item in decodes + as_rows + chunks:
+        num_rows_items = len(decodes) + len(as_rows)
+        for index, item in enumerate(decodes + as_rows + chunks):
             seq, table = item.seq, item.block_table
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
             query_start = len(input_ids)
@@ -104,7 +129,7 @@ class ModelRunner:
             pos = range(start, end)
             positions.extend(pos)
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            if item.num_new_tokens <= limit:
+            if index < num_rows_items:
                 row_tables.extend([table] * item.num_new_tokens)
                 row_lens.extend(p + 1 for p in pos)
             else:
@@ -144,6 +169,12 @@ class ModelRunner:
             prefill_batch=build_prefill_batch(prefills, prefill_tables, dev) if self.batch_prefills and prefills else None,
             decode_groups=groups,
             decode_kernel=self.decode_kernel,
+            prefill_kernel=self.prefill_kernel,
+            prefill_tables=(
+                self._prefill_tables(prefills, prefill_tables)
+                if self.prefill_kernel and prefills and not self.batch_prefills
+                else None
+            ),
         )
         hidden = self.model.forward_flat(
             torch.tensor(input_ids, dtype=torch.long, device=dev),

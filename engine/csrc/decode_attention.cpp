@@ -25,7 +25,7 @@ namespace {
 using tw::Half;
 using tw::store;
 using tw::to_float;
-constexpr int kAbiVersion = 6;
+constexpr int kAbiVersion = 7;
 
 // Pool offsets (in elements) of positions 0..len-1 of one sequence, from its block table.
 inline void token_offsets(const int64_t* table, int64_t len, int64_t block_size, int64_t token_stride,
@@ -75,13 +75,7 @@ void weighted_values(const Task& task, const T* values, const float* probs, floa
 }
 
 #ifdef TW_AVX2
-// Eight consecutive cache elements as float32.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {  // bfloat16: the high half of a float32
-  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-inline __m256 load8(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+using tw::load8;
 
 // [sum(a0), ..., sum(a7)]: eight dot products finished with one reduction instead of eight.
 inline __m256 sum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {

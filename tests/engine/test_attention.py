@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from tokenwire.engine.attention import (
     AttentionMetadata,
     PrefillChunk,
+    PrefillTables,
     build_prefill_batch,
     group_decodes,
     paged_attention,
 )
-from tokenwire.engine.native import DecodeKernel, decode_kernel
+from tokenwire.engine.native import DecodeKernel, PrefillKernel, decode_kernel, prefill_kernel
 
 H_Q, H_KV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 64
 
@@ -25,6 +26,14 @@ def kernel_for(name: str) -> DecodeKernel | None:
     if name == "torch":
         return None
     kernel = decode_kernel(torch.device("cpu"), torch.float32)
+    if kernel is None:
+        pytest.skip("the native kernel could not be built here (see test_native.py)")
+    return kernel
+
+
+def native_prefill() -> PrefillKernel:
+    """The native prefill kernel (the test is skipped where it cannot be built)."""
+    kernel = prefill_kernel(torch.device("cpu"), torch.float32)
     if kernel is None:
         pytest.skip("the native kernel could not be built here (see test_native.py)")
     return kernel
@@ -40,12 +49,13 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("decodes", ["torch", "native"])
-@pytest.mark.parametrize("batched", [False, True], ids=["chunk-loop", "batched-prefill"])
+@pytest.mark.parametrize("prefill", ["chunk-loop", "batched", "native"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_paged_equals_dense_over_a_mixed_multi_step_schedule(seed: int, batched: bool, decodes: str) -> None:
+def test_paged_equals_dense_over_a_mixed_multi_step_schedule(seed: int, prefill: str, decodes: str) -> None:
     """Three sequences run through several steps of chunks and decodes; every output matches dense.
 
-    Both prefill paths: one attention call per chunk (CPU), and all chunks padded into one (CUDA).
+    Every prefill path: one SDPA call per chunk, all chunks padded into one (CUDA), and the native
+    kernel that takes all chunks in one call without padding (CPU).
     """
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -92,8 +102,16 @@ def test_paged_equals_dense_over_a_mixed_multi_step_schedule(seed: int, batched:
             decode_context_lens=torch.tensor([done[i] + 1 for i, _ in decodes], dtype=torch.long),
             prefills=prefills,
             block_size=BS,
-            prefill_batch=build_prefill_batch(prefills, prefill_tables, torch.device("cpu")) if batched and prefills else None,
+            prefill_batch=build_prefill_batch(prefills, prefill_tables, torch.device("cpu")) if prefill == "batched" and prefills else None,
             decode_kernel=kernel_for(decodes),
+            prefill_kernel=native_prefill() if prefill == "native" else None,
+            prefill_tables=PrefillTables(
+                block_tables=torch.tensor([t + [0] * (max(map(len, prefill_tables)) - len(t)) for t in prefill_tables]),
+                query_lens=torch.tensor([c.query_len for c in prefills]),
+                context_lens=torch.tensor([c.context_len for c in prefills]),
+            )
+            if prefill == "native" and prefills
+            else None,
         )
         out = paged_attention(q, k, v, k_cache, v_cache, meta)
         start = 0

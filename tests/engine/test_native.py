@@ -37,6 +37,8 @@ def test_the_kernel_builds_and_loads_where_a_compiler_exists() -> None:
     assert native.decode_kernel(torch.device("cpu"), torch.float32, torch.float16) is native.paged_decode_attention
     assert native.decode_kernel(torch.device("cpu"), torch.float32, torch.float64) is None
     assert native.decode_kernel(torch.device("meta"), torch.float32) is None
+    assert native.prefill_kernel(torch.device("cpu"), torch.float32, torch.float16) is native.paged_prefill_attention
+    assert native.prefill_kernel(torch.device("cpu"), torch.float16) is None
 
 
 def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: list[list[int]], lens: list[int], scale: float) -> torch.Tensor:
@@ -181,6 +183,7 @@ def test_the_engine_gives_the_same_tokens_with_and_without_the_kernels(kernel: n
             dtype="float32", kv_cache_memory=1 << 26, native_kernels=native_kernels, speculative_tokens=speculative_tokens
         )
         assert (llm.core.runner.decode_kernel is not None) == native_kernels
+        assert (llm.core.runner.prefill_kernel is not None) == native_kernels
         layer = llm.core.runner.model.layers[0]
         assert layer.mlp.native_ops == layer.self_attn.native_ops == layer.input_layernorm.native_ops == native_kernels
         # The default model's Q4_1/Q8_0 weights: decode rows multiply straight from the blocks.
