@@ -73,8 +73,9 @@ class ModelRunner:
         # (5x faster than gathering them for SDPA at 64 sequences); it is built here, at load time.
         cache_dtype = cache_dtype or dtype
         self.decode_kernel: DecodeKernel | None = decode_kernel(device, dtype, cache_dtype) if native_kernels else None
-        # NOTE: and prompt chunks through another, which reads them in place too and skips the key
-        # tiles a causal mask hides (1.5-2x SDPA's flash kernel on the default model's chunks).
+        # NOTE: and a float32 model's prompt chunks through another, which reads them in place too
+        # and skips the key tiles a causal mask hides (1.5-2x SDPA's flash kernel on the default
+        # model's chunks; native.prefill_kernel says why bfloat16 models keep SDPA).
         self.prefill_kernel: PrefillKernel | None = prefill_kernel(device, dtype, cache_dtype) if native_kernels else None
         spec = model.kv_cache_spec
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
