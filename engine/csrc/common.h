@@ -77,6 +77,37 @@ inline float round_to(float x) {
   return to_float(t);
 }
 
+// f(T*) for the element type of an attention kernel's queries and output (float32, bfloat16),
+// called with a null pointer of that type; 1 for a code it does not know.
+template <typename F>
+int with_query_type(int code, F&& f) {
+  switch (code) {
+    case kFloat32: return f(static_cast<float*>(nullptr));
+    case kBFloat16: return f(static_cast<uint16_t*>(nullptr));
+    default: return 1;
+  }
+}
+
+// The same for a KV cache's element type (float32, bfloat16, float16).
+template <typename F>
+int with_cache_type(int code, F&& f) {
+  switch (code) {
+    case kFloat32: return f(static_cast<float*>(nullptr));
+    case kBFloat16: return f(static_cast<uint16_t*>(nullptr));
+    case kFloat16: return f(static_cast<Half*>(nullptr));
+    default: return 1;
+  }
+}
+
+// Whether a block table covers `len` tokens (1 <= len <= width * block_size) with block ids inside
+// a pool of `num_blocks`: checked before a kernel reads anything through it.
+inline bool table_in_range(const int64_t* table, int64_t len, int64_t width, int64_t block_size, int64_t num_blocks) {
+  if (len < 1 || len > width * block_size) return false;
+  for (int64_t b = 0; b < (len + block_size - 1) / block_size; ++b)
+    if (table[b] < 0 || table[b] >= num_blocks) return false;
+  return true;
+}
+
 #ifdef TW_AVX2
 // Eight consecutive elements as float32 (exact: each 16-bit type widens without rounding).
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }

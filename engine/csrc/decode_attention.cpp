@@ -22,7 +22,6 @@
 
 namespace {
 
-using tw::Half;
 using tw::store;
 using tw::to_float;
 constexpr int kAbiVersion = 7;
@@ -409,27 +408,6 @@ void decode_attention(const TQ* q, const TC* k_cache, const TC* v_cache, const i
   }
 }
 
-// The kernel for queries (and output) of element type TQ over caches of each element type.
-template <typename TQ>
-int decode_attention_for(int cache_dtype, const void* q, const void* k_cache, const void* v_cache,
-                         const int64_t* block_tables, int64_t table_stride, const int64_t* context_lens, void* out,
-                         int64_t num_seqs, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
-                         int64_t block_size, float scale, int num_threads) {
-  const auto run = [&](auto* cache_type) {
-    using TC = std::remove_pointer_t<decltype(cache_type)>;
-    decode_attention(static_cast<const TQ*>(q), static_cast<const TC*>(k_cache), static_cast<const TC*>(v_cache),
-                     block_tables, table_stride, context_lens, static_cast<TQ*>(out), num_seqs, num_q_heads,
-                     num_kv_heads, head_dim, block_size, scale, num_threads);
-    return 0;
-  };
-  switch (cache_dtype) {
-    case tw::kFloat32: return run(static_cast<float*>(nullptr));
-    case tw::kBFloat16: return run(static_cast<uint16_t*>(nullptr));
-    case tw::kFloat16: return run(static_cast<Half*>(nullptr));
-    default: return 1;
-  }
-}
-
 }  // namespace
 
 extern "C" {
@@ -444,26 +422,19 @@ int tw_paged_decode_attention(int dtype, int cache_dtype, const void* q, const v
                               int64_t table_stride, int64_t table_width, const int64_t* context_lens,
                               void* out, int64_t num_seqs, int64_t num_q_heads, int64_t num_kv_heads,
                               int64_t head_dim, int64_t block_size, float scale, int num_threads) {
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    const int64_t len = context_lens[s];
-    if (len < 1 || len > table_width * block_size) return 2;
-    for (int64_t b = 0; b < (len + block_size - 1) / block_size; ++b) {
-      const int64_t id = block_tables[s * table_stride + b];
-      if (id < 0 || id >= num_cache_blocks) return 2;
-    }
-  }
-  switch (dtype) {
-    case tw::kFloat32:
-      return decode_attention_for<float>(cache_dtype, q, k_cache, v_cache, block_tables, table_stride, context_lens,
-                                         out, num_seqs, num_q_heads, num_kv_heads, head_dim, block_size, scale,
-                                         num_threads);
-    case tw::kBFloat16:
-      return decode_attention_for<uint16_t>(cache_dtype, q, k_cache, v_cache, block_tables, table_stride,
-                                            context_lens, out, num_seqs, num_q_heads, num_kv_heads, head_dim,
-                                            block_size, scale, num_threads);
-    default:
-      return 1;
-  }
+  for (int64_t s = 0; s < num_seqs; ++s)
+    if (!tw::table_in_range(block_tables + s * table_stride, context_lens[s], table_width, block_size, num_cache_blocks))
+      return 2;
+  return tw::with_query_type(dtype, [&](auto* query_type) {
+    using TQ = std::remove_pointer_t<decltype(query_type)>;
+    return tw::with_cache_type(cache_dtype, [&](auto* cache_type) {
+      using TC = std::remove_pointer_t<decltype(cache_type)>;
+      decode_attention(static_cast<const TQ*>(q), static_cast<const TC*>(k_cache), static_cast<const TC*>(v_cache),
+                       block_tables, table_stride, context_lens, static_cast<TQ*>(out), num_seqs, num_q_heads,
+                       num_kv_heads, head_dim, block_size, scale, num_threads);
+      return 0;
+    });
+  });
 }
 
 }  // extern "C"

@@ -1,13 +1,17 @@
-"""Fixtures shared by the engine tests: a tiny random model with the default model's tokenizer."""
+"""Fixtures shared by the engine tests: a tiny random model with the default model's tokenizer, and the
+native kernels' portable build."""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import platform
 from pathlib import Path
 
 import pytest
 import torch
 
+from tokenwire.engine import native
 from tokenwire.engine.loader.production_arch import save_folder
 from tokenwire.engine.models.production_transformer import ProductionTransformer, ProductionTransformerConfig
 from tokenwire.engine.tokenizer import Tokenizer
@@ -27,3 +31,18 @@ def seed_model_folder(tmp_path_factory: pytest.TempPathFactory, default_model_pa
     tokenizer.backend.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}))
     return folder
+
+
+@pytest.fixture(scope="session")
+def portable_kernels(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    """The native kernels built at the x86-64-v2 level: the plain C++ loops that a CPU without AVX2
+    (or another architecture) gets, loaded from a folder of their own."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the AVX2 paths exist on x86 only")
+    if native._compiler() is None:
+        pytest.skip("no C++ compiler here")
+    flags = [f for f in native.compile_flags() if not f.startswith("-march")] + ["-march=x86-64-v2"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TOKENWIRE_KERNEL_DIR", str(tmp_path_factory.mktemp("portable-kernels")))
+        patch.setattr(native, "compile_flags", lambda: flags)
+        return ctypes.CDLL(str(native.build()))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import platform
 import weakref
 from pathlib import Path
 from typing import Any
@@ -269,14 +268,9 @@ def test_no_blocks_are_kept_for_a_bfloat16_model(tmp_path: Path, make_tiny_hf_ll
     assert model.gguf_linear_blocks() == {}
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX2 paths exist on x86 only")
-def test_the_portable_build_gives_the_same_bits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # NOTE: a CPU without AVX2 (or another architecture) gets the plain C++ loops; built here at
-    # the x86-64-v2 level, they must dequantize as gguf does and sum as the AVX2 path does.
-    monkeypatch.setenv("TOKENWIRE_KERNEL_DIR", str(tmp_path))
-    flags = [f for f in native.compile_flags() if not f.startswith("-march")] + ["-march=x86-64-v2"]
-    monkeypatch.setattr(native, "compile_flags", lambda: flags)
-    lib = ctypes.CDLL(str(native.build()))
+def test_the_portable_build_gives_the_same_bits(portable_kernels: ctypes.CDLL) -> None:
+    # NOTE: the plain C++ loops must dequantize as gguf does and sum as the AVX2 path does.
+    lib = portable_kernels
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.tw_quant_packed_bytes.argtypes, lib.tw_quant_packed_bytes.restype = [i32, i64, i64], i64
     lib.tw_quant_pack.argtypes, lib.tw_quant_pack.restype = [i32, p, i64, i64, i64, p, i32], i32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import random
 
 import pytest
@@ -141,3 +142,18 @@ def test_what_the_kernel_cannot_read_is_refused_before_any_read(kernel: native.P
         kernel(q, kc, vc, padded, qlens.int(), clens, 0.25)
     with pytest.raises(ValueError, match="shapes"):
         kernel(q, kc, vc, padded, qlens[:1], clens, 0.25)
+
+
+def test_the_portable_build_agrees(portable_kernels: ctypes.CDLL) -> None:
+    """The plain loops and the exponential of libm instead of the AVX2 tiles and polynomial."""
+    q, kc, vc, tables, padded, qlens, clens = random_case(21, 9, 3, 64, 16, CHUNKS)
+    fn = portable_kernels.tw_paged_prefill_attention
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes, fn.restype = [ctypes.c_int] * 2 + [p] * 3 + [i64, p, i64, i64, p, p, p] + [i64] * 5 + [ctypes.c_float, ctypes.c_int], ctypes.c_int
+    out = torch.empty_like(q)
+    rc = fn(
+        0, 0, q.data_ptr(), kc.data_ptr(), vc.data_ptr(), kc.shape[0], padded.data_ptr(), padded.stride(0),
+        padded.shape[1], qlens.data_ptr(), clens.data_ptr(), out.data_ptr(), len(CHUNKS), 9, 3, 64, 16, 0.125, 2,
+    )  # fmt: skip
+    assert rc == 0
+    torch.testing.assert_close(out, reference(q, kc, vc, tables, CHUNKS, 0.125), rtol=1e-5, atol=1e-5)
