@@ -52,7 +52,7 @@ constexpr int64_t kRowAlign = 24;
 constexpr float kMasked = -std::numeric_limits<float>::max();
 
 struct Chunk {
-  int64_t q_start, q_len, ctx0;  // first row in q, queries, position of the first query
+  int64_t q_start, ctx0;  // its first row in q, and that query's position
   const int64_t* table;
 };
 
@@ -375,7 +375,7 @@ void prefill_attention(const TQ* q, const TC* k_cache, const TC* v_cache, const 
   std::vector<Task> tasks;
   int64_t start = 0;
   for (int64_t c = 0; c < num_chunks; ++c) {
-    chunks.push_back({start, query_lens[c], context_lens[c] - query_lens[c], block_tables + c * table_stride});
+    chunks.push_back({start, context_lens[c] - query_lens[c], block_tables + c * table_stride});
     for (int64_t i0 = 0; i0 < query_lens[c]; i0 += tile_queries)
       for (int64_t j = 0; j < num_kv_heads; ++j) tasks.push_back({c, j, i0, std::min(i0 + tile_queries, query_lens[c])});
     start += query_lens[c];
