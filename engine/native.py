@@ -237,6 +237,7 @@ def _check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 
 def _table_rows(block_tables: torch.Tensor) -> torch.Tensor:
+    """Block tables with unit column stride (rows may be padded wider, as the C code takes a row stride)."""
     return block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
 
 
