@@ -201,20 +201,18 @@ def _loaded_library() -> ctypes.CDLL:
 # reads, and make no tensor they can avoid.
 
 
-def _attention_codes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]:
-    """The element-type codes of an attention kernel's queries and caches, once they are checked."""
+def _check_paged(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, *lens: torch.Tensor
+) -> tuple[int, int]:
+    """The element-type codes of q and the caches, once both attention kernels' needs are checked: q
+    float32 or bfloat16, [T, H_q, D] with H_q a multiple of H_kv; caches of one dtype, [num_blocks,
+    block_size, H_kv, D] contiguous; int64 tables [N, W] and lengths [N]; all on the CPU."""
     code, cache_code = _DTYPE_CODES.get(q.dtype), _CACHE_DTYPE_CODES.get(k_cache.dtype)
     if code is None or cache_code is None or k_cache.dtype != v_cache.dtype:
         raise ValueError(
             f"dtypes q {q.dtype}, caches {k_cache.dtype} and {v_cache.dtype}: need q float32 or bfloat16, "
             "and both caches one of float32, bfloat16, float16"
         )
-    return code, cache_code
-
-
-def _check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, *lens: torch.Tensor) -> None:
-    """What both attention kernels need of their tensors: on the CPU, caches [num_blocks, block_size,
-    H_kv, D] contiguous, q [T, H_q, D] with H_q a multiple of H_kv, int64 tables [N, W] and lengths [N]."""
     if not (q.is_cpu and k_cache.is_cpu and v_cache.is_cpu and block_tables.is_cpu and all(n.is_cpu for n in lens)):
         raise ValueError("every tensor must be on the CPU")
     if block_tables.dtype != torch.int64 or any(n.dtype != torch.int64 for n in lens):
@@ -234,11 +232,16 @@ def _check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
             f"shapes q {tuple(q.shape)}, caches {tuple(k_cache.shape)} (contiguous), "
             f"tables {tuple(block_tables.shape)}, lengths {[tuple(n.shape) for n in lens]}"
         )
+    return code, cache_code
 
 
-def _table_rows(block_tables: torch.Tensor) -> torch.Tensor:
-    """Block tables with unit column stride (rows may be padded wider, as the C code takes a row stride)."""
-    return block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+def _kernel_inputs(
+    q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q and the lengths contiguous, the tables with unit column stride (the C code takes their row
+    stride, so a table padded wider is read as it is), and an output like q."""
+    tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    return q.contiguous(), tables, context_lens.contiguous(), torch.empty(q.shape, dtype=q.dtype)
 
 
 def paged_decode_attention(
@@ -260,16 +263,12 @@ def paged_decode_attention(
         ValueError: a tensor that the kernel cannot read as it is.
     """
     lib = _loaded_library()
-    code, cache_code = _attention_codes(q, k_cache, v_cache)
-    _check_paged(q, k_cache, v_cache, block_tables, context_lens)
+    code, cache_code = _check_paged(q, k_cache, v_cache, block_tables, context_lens)
     if context_lens.shape[0] != q.shape[0]:
         raise ValueError(f"{q.shape[0]} queries and {context_lens.shape[0]} context lengths")
     num_seqs, h_q, d = q.shape
     num_blocks, block_size, h_kv, _ = k_cache.shape
-    q = q.contiguous()
-    tables = _table_rows(block_tables)
-    lens = context_lens.contiguous()
-    out = torch.empty((num_seqs, h_q, d), dtype=q.dtype)
+    q, tables, lens, out = _kernel_inputs(q, block_tables, context_lens)
     rc = lib.tw_paged_decode_attention(
         code, cache_code, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), num_blocks, tables.data_ptr(),
         tables.stride(0), tables.shape[1], lens.data_ptr(), out.data_ptr(), num_seqs, h_q, h_kv, d,
@@ -303,18 +302,14 @@ def paged_prefill_attention(
         ValueError: a tensor that the kernel cannot read as it is, or lengths that do not add up.
     """
     lib = _loaded_library()
-    code, cache_code = _attention_codes(q, k_cache, v_cache)
-    _check_paged(q, k_cache, v_cache, block_tables, query_lens, context_lens)
+    code, cache_code = _check_paged(q, k_cache, v_cache, block_tables, query_lens, context_lens)
     num_tokens, h_q, d = q.shape
     qlens = query_lens.contiguous()
     # NOTE: a sum over the chunks (a handful per step), checked so that the C code cannot read past q.
     if int(qlens.sum()) != num_tokens:
         raise ValueError(f"query lengths add up to {int(qlens.sum())}, q has {num_tokens} rows")
     num_blocks, block_size, h_kv, _ = k_cache.shape
-    q = q.contiguous()
-    tables = _table_rows(block_tables)
-    lens = context_lens.contiguous()
-    out = torch.empty((num_tokens, h_q, d), dtype=q.dtype)
+    q, tables, lens, out = _kernel_inputs(q, block_tables, context_lens)
     rc = lib.tw_paged_prefill_attention(
         code, cache_code, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), num_blocks, tables.data_ptr(),
         tables.stride(0), tables.shape[1], qlens.data_ptr(), lens.data_ptr(), out.data_ptr(), qlens.shape[0], h_q,
