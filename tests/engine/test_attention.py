@@ -25,6 +25,7 @@ def kernel_for(name: str) -> DecodeKernel | None:
     """None for the torch decode path; the native kernel for "native" (skipped where it cannot be built)."""
     if name == "torch":
         return None
+    assert name == "native", name
     kernel = decode_kernel(torch.device("cpu"), torch.float32)
     if kernel is None:
         pytest.skip("the native kernel could not be built here (see test_native.py)")
@@ -48,10 +49,10 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return o.transpose(0, 1)
 
 
-@pytest.mark.parametrize("decodes", ["torch", "native"])
+@pytest.mark.parametrize("decode_path", ["torch", "native"])
 @pytest.mark.parametrize("prefill", ["chunk-loop", "batched", "native"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_paged_equals_dense_over_a_mixed_multi_step_schedule(seed: int, prefill: str, decodes: str) -> None:
+def test_paged_equals_dense_over_a_mixed_multi_step_schedule(seed: int, prefill: str, decode_path: str) -> None:
     """Three sequences run through several steps of chunks and decodes; every output matches dense.
 
     Every prefill path: one SDPA call per chunk, all chunks padded into one (CUDA), and the native
@@ -103,7 +104,7 @@ def test_paged_equals_dense_over_a_mixed_multi_step_schedule(seed: int, prefill:
             prefills=prefills,
             block_size=BS,
             prefill_batch=build_prefill_batch(prefills, prefill_tables, torch.device("cpu")) if prefill == "batched" and prefills else None,
-            decode_kernel=kernel_for(decodes),
+            decode_kernel=kernel_for(decode_path),
             prefill_kernel=native_prefill() if prefill == "native" else None,
             prefill_tables=PrefillTables(
                 block_tables=torch.tensor([t + [0] * (max(map(len, prefill_tables)) - len(t)) for t in prefill_tables]),
