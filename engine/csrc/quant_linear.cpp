@@ -305,8 +305,7 @@ void linear(const float* x, int64_t x_stride, int64_t m_rows, int64_t k, const u
     for (int64_t m0 = 0; m0 < m_rows; m0 += chunk_rows) {
       const int64_t rows = m_rows - m0 < chunk_rows ? m_rows - m0 : chunk_rows;
       const float* xm = x + m0 * x_stride;
-#pragma omp for schedule(static)
-      for (int64_t p = 0; p < panels; ++p) {
+      const auto panel_task = [&](int64_t p) {
         const uint8_t* panel = packed + p * panel_bytes;
         const int cols = static_cast<int>(n - p * kPanel < kPanel ? n - p * kPanel : kPanel);
         // NOTE: a partial panel is computed into a scratch tile, so that the kernels always store 16 columns.
@@ -329,6 +328,19 @@ void linear(const float* x, int64_t x_stride, int64_t m_rows, int64_t k, const u
         if (cols < kPanel)
           for (int64_t m = 0; m < rows; ++m)
             std::memcpy(out + (m0 + m) * out_stride + p * kPanel, o + m * kPanel, sizeof(float) * cols);
+      };
+      // NOTE: every thread takes the same branch (rows is shared), as a worksharing loop needs.
+      // A few rows' panels take microseconds, where handing them out one by one costs more than
+      // it balances; past that, guided hands out shrinking runs of panels, so that a thread that
+      // started late (woken from sleep) or runs slower (a busy host) is made up for by the
+      // others. Measured over the default model's 120 layer matmuls on a 2-core AVX2 EPYC,
+      // alternating: 1.03-1.13x at 8-256 rows against the static schedule.
+      if (rows <= kDirectRows) {
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; ++p) panel_task(p);
+      } else {
+#pragma omp for schedule(guided)
+        for (int64_t p = 0; p < panels; ++p) panel_task(p);
       }
     }
   }
