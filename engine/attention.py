@@ -8,7 +8,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from tokenwire.engine.native import DecodeKernel, PrefillKernel
+from tokenwire.engine.native import DecodeKernel, KVWriter, PrefillKernel
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,8 @@ class AttentionMetadata:
         prefill_kernel: when set (with ``prefill_tables``), every prefill chunk of the step attends
             through it in one call, reading keys and values in place (``native.paged_prefill_attention``).
         prefill_tables: the chunks' tables and lengths for ``prefill_kernel``.
+        kv_writer: when set, this step's keys and values are stored through it
+            (``native.write_kv``, one call for both) instead of ``write_kv``.
     """
 
     slot_mapping: torch.Tensor
@@ -101,6 +103,7 @@ class AttentionMetadata:
     decode_kernel: DecodeKernel | None = None
     prefill_kernel: PrefillKernel | None = None
     prefill_tables: PrefillTables | None = None
+    kv_writer: KVWriter | None = None
 
     @cached_property
     def decode_mask(self) -> torch.Tensor:
@@ -201,7 +204,7 @@ def paged_attention(
     caches: [num_blocks, block_size, H_kv, D], in q's dtype or another (a narrower cache is read back
     in q's dtype). Returns [T, H_q, D]. H_q must be a multiple of H_kv (grouped-query attention).
     """
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    (meta.kv_writer or write_kv)(k, v, k_cache, v_cache, meta.slot_mapping)
     nd = meta.num_decode_tokens
     if nd == q.shape[0]:
         return _decode_attention(q, k_cache, v_cache, meta, scale)  # a step of decodes only

@@ -20,7 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCE_DIR = Path(__file__).with_name("csrc")
-_ABI_VERSION = 7
+_ABI_VERSION = 8
 # Element-type codes of the C entry points: the kernels compute in float32 and take tensors of
 # these types; a KV cache may also be float16 (a float32 or bfloat16 model's narrower cache).
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
@@ -32,6 +32,8 @@ GGUF_KERNEL_TYPES = frozenset({2, 3, 8, 12, 13, 14})
 
 DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 """``(q, k_cache, v_cache, block_tables, context_lens, scale) -> out``, as ``paged_decode_attention``."""
+KVWriter = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""``(k, v, k_cache, v_cache, slot_mapping) -> None``, as ``write_kv``."""
 PrefillKernel = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
 ]
@@ -178,6 +180,7 @@ def _library() -> ctypes.CDLL | None:
             "tw_silu_and_mul": [i32, p, i64, p, i64, i64, i32],
             "tw_quant_linear": [i32, p, i64, i64, i64, p, i64, p, i64, i32],
             "tw_quant_pack": [i32, p, i64, i64, i64, p, i32],
+            "tw_write_kv": [p, i64, p, i64, p, p, p, i64, i64, i64, i32],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
@@ -321,6 +324,58 @@ def paged_prefill_attention(
             "or a block id is outside the pool"
         )
     return out
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store this step's keys and values at their slots of the pool, as ``attention.write_kv`` does.
+
+    Shapes: k, v: [T, H_kv, D] (any row stride; converted to the cache's dtype where it differs);
+    caches: [num_blocks, block_size, H_kv, D] contiguous, one dtype; slot_mapping: [T] int64.
+
+    Raises:
+        ValueError: tensors the copy cannot take, or a slot outside the pool (nothing is written then).
+    """
+    lib = _loaded_library()
+    if not (
+        k.dim() == 3
+        and k.shape == v.shape
+        and k_cache.dim() == 4
+        and k_cache.shape == v_cache.shape
+        and k_cache.dtype == v_cache.dtype
+        and k.shape[1:] == k_cache.shape[2:]
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and slot_mapping.dtype == torch.int64
+        and slot_mapping.shape == k.shape[:1]
+        and k.is_cpu
+        and v.is_cpu
+        and k_cache.is_cpu
+        and v_cache.is_cpu
+        and slot_mapping.is_cpu
+    ):
+        raise ValueError(
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}, caches {tuple(k_cache.shape)} {k_cache.dtype} and "
+            f"{tuple(v_cache.shape)} {v_cache.dtype}, slots {tuple(slot_mapping.shape)} {slot_mapping.dtype}: need "
+            "CPU k and v [T, H_kv, D], contiguous caches of one dtype [blocks, block_size, H_kv, D], int64 slots [T]"
+        )
+    k, v = _kv_rows(k, k_cache.dtype), _kv_rows(v, v_cache.dtype)
+    slots = slot_mapping.contiguous()
+    num_blocks, block_size, h_kv, d = k_cache.shape
+    size = k_cache.element_size()
+    rc = lib.tw_write_kv(
+        k.data_ptr(), k.stride(0) * size, v.data_ptr(), v.stride(0) * size, k_cache.data_ptr(), v_cache.data_ptr(),
+        slots.data_ptr(), slots.shape[0], num_blocks * block_size, h_kv * d * size, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise ValueError(f"a slot is outside the pool's {num_blocks * block_size} slots")
+
+
+def _kv_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x [T, H, D] in ``dtype`` with each row's heads contiguous, without a copy where it already is."""
+    x = x.to(dtype)
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
 def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -479,6 +534,12 @@ def decode_kernel(device: torch.device, dtype: torch.dtype, cache_dtype: torch.d
     (``cache_dtype``, by default the model's); the first call builds it (about a second).
     """
     return paged_decode_attention if _has_attention_kernels(device, dtype, cache_dtype) else None
+
+
+def kv_writer(device: torch.device, dtype: torch.dtype, cache_dtype: torch.dtype | None = None) -> KVWriter | None:
+    """The native KV write (``write_kv``) for a model on this device and dtype, or None where the
+    decode kernel is None (``decode_kernel`` says which)."""
+    return write_kv if _has_attention_kernels(device, dtype, cache_dtype) else None
 
 
 def prefill_kernel(device: torch.device, dtype: torch.dtype, cache_dtype: torch.dtype | None = None) -> PrefillKernel | None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenwire.engine import LLM, SamplingParams, native
+from tokenwire.engine.attention import write_kv
 from tokenwire.engine.models.gguf_linear import GGUFLinear
 from tokenwire.engine.models.layers import RMSNorm, RotaryEmbedding, enable_native_ops, rotate
 
@@ -233,6 +234,44 @@ def test_row_ops_refuse_what_they_cannot_read(kernel: native.DecodeKernel) -> No
         native.rotary_(torch.randn(3, 2, 8), torch.randn(2, 8), torch.randn(2, 8))
     with pytest.raises(ValueError, match="even"):
         native.silu_and_mul(torch.randn(2, 7))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cache_dtype"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16)],
+    ids=["float32", "bfloat16", "float32-into-float16"],
+)
+def test_the_kv_write_stores_what_index_copy_stores(
+    kernel: native.DecodeKernel, dtype: torch.dtype, cache_dtype: torch.dtype
+) -> None:
+    assert native.kv_writer(torch.device("cpu"), dtype, cache_dtype) is native.write_kv
+    gen = torch.Generator().manual_seed(5)
+    # k and v as Attention._qkv gives them: [T, H_kv, D] views into a wider projection row.
+    proj = torch.randn(7, 4 * 8 + 2 * 2 * 8, generator=gen).to(dtype)
+    k, v = proj[:, 4 * 8 : 6 * 8].view(7, 2, 8), proj[:, 6 * 8 :].view(7, 2, 8)
+    slots = torch.tensor([3, 17, 0, 40, 41, 9, 63])
+    expected = [torch.randn(4, 16, 2, 8, generator=gen).to(cache_dtype) for _ in range(2)]
+    caches = [c.clone() for c in expected]
+    write_kv(k, v, *expected, slots)
+    native.write_kv(k, v, *caches, slots)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
+def test_the_kv_write_refuses_what_it_cannot_store(kernel: native.DecodeKernel) -> None:
+    k = v = torch.randn(3, 2, 8)
+    caches = [torch.zeros(4, 16, 2, 8) for _ in range(2)]
+    with pytest.raises(ValueError, match="outside the pool's 64 slots"):
+        native.write_kv(k, v, *caches, torch.tensor([1, 64, 2]))
+    with pytest.raises(ValueError, match="outside the pool"):
+        native.write_kv(k, v, *caches, torch.tensor([1, -1, 2]))
+    # NOTE: the slots are checked before the copy, so a refused write leaves the pool as it was.
+    assert not caches[0].any() and not caches[1].any()
+    with pytest.raises(ValueError, match="int64 slots"):
+        native.write_kv(k, v, *caches, torch.tensor([1, 2, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="H_kv, D"):
+        native.write_kv(torch.randn(3, 4, 8), torch.randn(3, 4, 8), *caches, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="one dtype"):
+        native.write_kv(k, v, caches[0], caches[1].half(), torch.tensor([1, 2, 3]))
 
 
 def test_enable_native_ops_switches_each_module_with_a_native_path() -> None:
