@@ -181,12 +181,15 @@ def _library() -> ctypes.CDLL | None:
             "tw_quant_linear": [i32, p, i64, i64, i64, p, i64, p, i64, i32],
             "tw_quant_pack": [i32, p, i64, i64, i64, p, i32],
             "tw_write_kv": [p, i64, p, i64, p, p, p, i64, i64, i64, i32],
+            "tw_decoder_stack": [p, i64, p, i64, i64, i64, i64, i64, i64, f32, p, p, p, i64, p, i64, i64, p, i64, p,
+                                 i64, i64, p, p, i64, i64, f32, p, i32],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, i32
         lib.tw_quant_row_bytes.argtypes, lib.tw_quant_row_bytes.restype = [i32, i64], i64
         lib.tw_quant_packed_bytes.argtypes, lib.tw_quant_packed_bytes.restype = [i32, i64, i64], i64
+        lib.tw_decoder_stack_scratch.argtypes, lib.tw_decoder_stack_scratch.restype = [i64] * 5, i64
         _loaded = lib
         return lib
 
@@ -370,6 +373,84 @@ def write_kv(
     )  # fmt: skip
     if rc != 0:
         raise ValueError(f"a slot is outside the pool's {num_blocks * block_size} slots")
+
+
+def decoder_stack(
+    plan: torch.Tensor,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    pool: torch.Tensor,
+    decode_tables: torch.Tensor,
+    decode_lens: torch.Tensor,
+    chunk_tables: torch.Tensor,
+    query_lens: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
+    eps: float,
+    scale: float,
+) -> None:
+    """Run a float32 LLaMA decoder stack over x [T, hidden] in place (``csrc/decoder_stack.cpp``).
+
+    ``plan`` ([layers, 12] int64, from ``models.native_stack``) holds each layer's weights and
+    pools by address; ``pool`` is one of the pools, for their shape. cos, sin: [T, D] float32;
+    slot_mapping: [T]; the first S = ``decode_lens.shape[0]`` rows are decodes (decode_tables
+    [S, W]), the rest prompt chunks (chunk_tables [C, W'], query_lens and context_lens [C]), as
+    the native attention kernels take them.
+
+    Raises:
+        ValueError: tensors the stack cannot read, or a slot, block id or length out of range.
+    """
+    lib = _loaded_library()
+    num_tokens, hidden = x.shape
+    _, block_size, h_kv, d = pool.shape
+    ints = (slot_mapping, decode_tables, decode_lens, chunk_tables, query_lens, context_lens)
+    if not (
+        x.dtype == cos.dtype == sin.dtype == pool.dtype == torch.float32
+        and x.is_contiguous()
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and cos.shape == sin.shape == (num_tokens, d)
+        and h_kv == num_kv_heads
+        and num_heads % num_kv_heads == 0
+        and plan.dtype == torch.int64
+        and plan.is_contiguous()
+        and plan.dim() == 2
+        and plan.shape[1] == 12
+        and all(t.dtype == torch.int64 and t.is_cpu and t.is_contiguous() for t in ints)
+        and slot_mapping.shape == (num_tokens,)
+        and decode_tables.dim() == chunk_tables.dim() == 2
+        and decode_lens.shape == decode_tables.shape[:1]
+        and query_lens.shape == context_lens.shape == chunk_tables.shape[:1]
+        and x.is_cpu
+        and cos.is_cpu
+        and sin.is_cpu
+    ):
+        raise ValueError(
+            f"x {tuple(x.shape)} {x.dtype}, tables cos/sin {tuple(cos.shape)}, pool {tuple(pool.shape)} {pool.dtype}, "
+            f"decode tables {tuple(decode_tables.shape)}, chunk tables {tuple(chunk_tables.shape)}: need contiguous "
+            "float32 x [T, hidden], cos and sin [T, D], int64 slots, tables and lengths"
+        )
+    per_row = lib.tw_decoder_stack_scratch(hidden, num_heads, num_kv_heads, d, intermediate_size)
+    scratch = torch.empty(max(num_tokens * per_row, 1), dtype=torch.float32)
+    rc = lib.tw_decoder_stack(
+        plan.data_ptr(), plan.shape[0], x.data_ptr(), num_tokens, hidden, num_heads, num_kv_heads, d,
+        intermediate_size, eps, cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), decode_lens.shape[0],
+        decode_tables.data_ptr(), decode_tables.stride(0), decode_tables.shape[1], decode_lens.data_ptr(),
+        query_lens.shape[0], chunk_tables.data_ptr(), chunk_tables.stride(0), chunk_tables.shape[1],
+        query_lens.data_ptr(), context_lens.data_ptr(), pool.shape[0], block_size, scale, scratch.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if rc == 1:
+        raise ValueError("a projection's GGUF type is not one the matmul takes")
+    if rc != 0:
+        raise ValueError(
+            "a slot, block id or length is out of range, or the query lengths do not add up to the prompt rows"
+        )
 
 
 def _kv_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

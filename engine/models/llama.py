@@ -13,6 +13,7 @@ from tokenwire.engine import native
 from tokenwire.engine.attention import AttentionMetadata, paged_attention
 from tokenwire.engine.models.base import KVCacheSpec
 from tokenwire.engine.models.layers import RMSNorm, RopeTables, RotaryEmbedding, rotate
+from tokenwire.engine.models.native_stack import NativeStack
 
 
 @dataclass(frozen=True)
@@ -204,11 +205,17 @@ class LlamaForCausalLM(nn.Module):
         device: where the weights live.
     """
 
+    # NOTE: switched on by enable_native_ops with the layers' modules: the layers may then run as
+    # one native call (NativeStack), where every part of them has its native form.
+    native_ops = False
+
     def __init__(
         self, config: LlamaConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
     ) -> None:
         super().__init__()
         self.config = config
+        self._native_stack: NativeStack | None = None
+        self._native_stack_checked = False
         # NOTE: built on the meta device and then allocated uninitialized: a random init of every
         # weight would cost seconds on CPU and be overwritten by the checkpoint at once.
         with torch.device("meta"):
@@ -232,6 +239,8 @@ class LlamaForCausalLM(nn.Module):
         # would untie a shared matrix; tie again after every conversion.
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # NOTE: the native stack holds the weights by address: looked for again at the next forward.
+        self._native_stack, self._native_stack_checked = None, False
         # NOTE: .to(dtype)/.half()/to_empty() would also cast or wipe the RoPE tables, which are
         # derived constants that must stay exact float32; rebuild them wherever the weights went.
         if "rotary" in self._modules:
@@ -278,9 +287,23 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"kv_caches has {len(kv_caches)} layers, the model has {len(self.layers)}")
         x = self.embed_tokens(input_ids)  # [T, hidden]
         rope = self.rotary.tables(positions)  # NOTE: looked up once, not once per layer.
+        stack = self._stack() if self.native_ops else None
+        if stack is not None and stack.forward(x, rope, kv_caches, meta) is not None:
+            return x
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer.forward_flat(x, kv_cache, meta, rope)
         return x
+
+    def _stack(self) -> NativeStack | None:
+        """The layers as one native call, or None where a part of them has no native form.
+
+        Looked for once, at the first forward after native ops are switched on: the engine
+        switches them on after it has put the GGUF blocks and packed weights in place.
+        """
+        if not self._native_stack_checked:
+            self._native_stack = NativeStack.for_layers(self.layers, self.config)
+            self._native_stack_checked = True
+        return self._native_stack
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: [N, hidden] -> [N, vocab] float32."""

@@ -1,0 +1,160 @@
+// A float32 LLaMA decoder stack over a flat batch in one call. Each layer is RMSNorm, the fused
+// q/k/v projection from GGUF blocks, RoPE, the KV write, paged attention (decode rows, then prompt
+// chunks), the output projection and the residual add; then RMSNorm, the fused gate/up projection,
+// SiLU-and-multiply, the down projection and the residual add.
+//
+// These are the kernels the layer's torch modules call one by one (models/llama.py with native
+// ops), called here with the same arguments in the same order, so the hidden states are the same
+// bits. What goes is the Python and torch dispatch between them, ten to twenty microseconds an op
+// and about a dozen ops a layer: at a decode step of a few rows that is as long as the arithmetic.
+//
+// Layouts: x [T, hidden] float32 (the residual stream, updated in place); cos, sin [T, head_dim];
+// slots [T]; the first num_decode rows are single-token decodes (tables [num_decode, width], row
+// stride decode_stride, lengths decode_lens), the rest prompt chunks one after another (tables
+// [num_chunks, width], lengths query_lens and context_lens), as AttentionMetadata describes them.
+// Per layer, plan holds kPlanFields int64: the two norm weights, the four projections' packed
+// weights and GGUF types, and the layer's key and value pools (float32 [num_blocks, block_size,
+// num_kv_heads, head_dim]).
+
+#include <cstdint>
+#include <cstring>
+
+#include "common.h"
+
+extern "C" {
+int tw_rms_norm(int dtype, const void* x, int64_t x_stride, const void* weight, void* out, int64_t out_stride,
+                int64_t rows, int64_t dim, float eps, int num_threads);
+int tw_rotary(int dtype, void* x, int64_t row_stride, int64_t rows, int64_t heads, int64_t head_dim,
+              const float* cos, const float* sin, int num_threads);
+int tw_silu_and_mul(int dtype, const void* x, int64_t x_stride, void* out, int64_t rows, int64_t width,
+                    int num_threads);
+int tw_quant_linear(int type, const float* x, int64_t x_stride, int64_t m_rows, int64_t k, const void* packed,
+                    int64_t n, float* out, int64_t out_stride, int num_threads);
+int tw_write_kv(const void* k, int64_t k_stride, const void* v, int64_t v_stride, void* k_cache, void* v_cache,
+                const int64_t* slots, int64_t num_tokens, int64_t num_slots, int64_t row_bytes, int num_threads);
+int tw_paged_decode_attention(int dtype, int cache_dtype, const void* q, const void* k_cache, const void* v_cache,
+                              int64_t num_cache_blocks, const int64_t* block_tables, int64_t table_stride,
+                              int64_t table_width, const int64_t* context_lens, void* out, int64_t num_seqs,
+                              int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                              float scale, int num_threads);
+int tw_paged_prefill_attention(int dtype, int cache_dtype, const void* q, const void* k_cache, const void* v_cache,
+                               int64_t num_cache_blocks, const int64_t* block_tables, int64_t table_stride,
+                               int64_t table_width, const int64_t* query_lens, const int64_t* context_lens,
+                               void* out, int64_t num_chunks, int64_t num_q_heads, int64_t num_kv_heads,
+                               int64_t head_dim, int64_t block_size, float scale, int num_threads);
+}
+
+namespace {
+
+// int64 fields per layer in the plan, in this order.
+enum PlanField : int64_t {
+  kInputNorm,
+  kPostNorm,
+  kQKV,
+  kQKVType,
+  kOut,
+  kOutType,
+  kGateUp,
+  kGateUpType,
+  kDown,
+  kDownType,
+  kKeyCache,
+  kValueCache,
+  kPlanFields
+};
+
+template <typename T>
+T* field(const int64_t* layer, PlanField f) {
+  return reinterpret_cast<T*>(static_cast<intptr_t>(layer[f]));
+}
+
+// Below this many elements, one thread is faster than a parallel region.
+constexpr int64_t kParallelElements = 1 << 16;
+
+// x += y over n floats: torch's x + y, element by element.
+void add_into(float* x, const float* y, int64_t n, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (n >= kParallelElements)
+  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+}  // namespace
+
+extern "C" {
+
+// Floats of scratch tw_decoder_stack needs per row of the batch.
+int64_t tw_decoder_stack_scratch(int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                 int64_t intermediate) {
+  const int64_t q_size = num_heads * head_dim, qkv = (num_heads + 2 * num_kv_heads) * head_dim;
+  return 2 * hidden + qkv + 2 * q_size + 3 * intermediate;
+}
+
+// Runs num_layers layers over x in place. Returns 0; 1 for a projection type the matmul does not
+// take; 2 for a slot, block id or length out of range, or query lengths that do not add up to the
+// prompt rows (each checked before it is read through).
+int tw_decoder_stack(const int64_t* plan, int64_t num_layers, float* x, int64_t num_tokens, int64_t hidden,
+                     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate, float eps,
+                     const float* cos, const float* sin, const int64_t* slots, int64_t num_decode,
+                     const int64_t* decode_tables, int64_t decode_stride, int64_t decode_width,
+                     const int64_t* decode_lens, int64_t num_chunks, const int64_t* chunk_tables,
+                     int64_t chunk_stride, int64_t chunk_width, const int64_t* query_lens,
+                     const int64_t* context_lens, int64_t num_blocks, int64_t block_size, float scale,
+                     float* scratch, int num_threads) {
+  const int64_t T = num_tokens, D = head_dim;
+  const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D, qkv_size = q_size + 2 * kv_size;
+  int64_t prompt_rows = 0;
+  for (int64_t c = 0; c < num_chunks; ++c) prompt_rows += query_lens[c];
+  if (num_decode < 0 || prompt_rows != T - num_decode) return 2;
+  // Scratch rows: h [hidden] (norm outputs), qkv, q (contiguous for attention), attention output,
+  // y [hidden] (the projections back to hidden), gate/up [2 I], act [I].
+  float* h = scratch;
+  float* qkv = h + T * hidden;
+  float* q = qkv + T * qkv_size;
+  float* attn = q + T * q_size;
+  float* y = attn + T * q_size;
+  float* gate_up = y + T * hidden;
+  float* act = gate_up + T * 2 * intermediate;
+  for (int64_t l = 0; l < num_layers; ++l) {
+    const int64_t* layer = plan + l * kPlanFields;
+    tw_rms_norm(tw::kFloat32, x, hidden, field<const float>(layer, kInputNorm), h, hidden, T, hidden, eps,
+                num_threads);
+    if (tw_quant_linear(static_cast<int>(layer[kQKVType]), h, hidden, T, hidden, field<const void>(layer, kQKV),
+                        qkv_size, qkv, qkv_size, num_threads) != 0)
+      return 1;
+    // q and k side by side: one rotation covers both, in place.
+    tw_rotary(tw::kFloat32, qkv, qkv_size, T, num_heads + num_kv_heads, D, cos, sin, num_threads);
+    float* k_cache = field<float>(layer, kKeyCache);
+    float* v_cache = field<float>(layer, kValueCache);
+    if (tw_write_kv(qkv + q_size, qkv_size * 4, qkv + q_size + kv_size, qkv_size * 4, k_cache, v_cache, slots, T,
+                    num_blocks * block_size, kv_size * 4, num_threads) != 0)
+      return 2;
+    for (int64_t t = 0; t < T; ++t) std::memcpy(q + t * q_size, qkv + t * qkv_size, sizeof(float) * q_size);
+    if (num_decode > 0 &&
+        tw_paged_decode_attention(tw::kFloat32, tw::kFloat32, q, k_cache, v_cache, num_blocks, decode_tables,
+                                  decode_stride, decode_width, decode_lens, attn, num_decode, num_heads,
+                                  num_kv_heads, D, block_size, scale, num_threads) != 0)
+      return 2;
+    if (num_chunks > 0 &&
+        tw_paged_prefill_attention(tw::kFloat32, tw::kFloat32, q + num_decode * q_size, k_cache, v_cache,
+                                   num_blocks, chunk_tables, chunk_stride, chunk_width, query_lens, context_lens,
+                                   attn + num_decode * q_size, num_chunks, num_heads, num_kv_heads, D, block_size,
+                                   scale, num_threads) != 0)
+      return 2;
+    if (tw_quant_linear(static_cast<int>(layer[kOutType]), attn, q_size, T, q_size, field<const void>(layer, kOut),
+                        hidden, y, hidden, num_threads) != 0)
+      return 1;
+    add_into(x, y, T * hidden, num_threads);
+    tw_rms_norm(tw::kFloat32, x, hidden, field<const float>(layer, kPostNorm), h, hidden, T, hidden, eps,
+                num_threads);
+    if (tw_quant_linear(static_cast<int>(layer[kGateUpType]), h, hidden, T, hidden, field<const void>(layer, kGateUp),
+                        2 * intermediate, gate_up, 2 * intermediate, num_threads) != 0)
+      return 1;
+    tw_silu_and_mul(tw::kFloat32, gate_up, 2 * intermediate, act, T, intermediate, num_threads);
+    if (tw_quant_linear(static_cast<int>(layer[kDownType]), act, intermediate, T, intermediate,
+                        field<const void>(layer, kDown), hidden, y, hidden, num_threads) != 0)
+      return 1;
+    add_into(x, y, T * hidden, num_threads);
+  }
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,109 @@
+"""A float32 LLaMA decoder stack as one native call, for models whose every layer part has its native form."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from typing import TYPE_CHECKING
+
+from tokenwire.engine import native
+from tokenwire.engine.attention import AttentionMetadata
+from tokenwire.engine.models.gguf_linear import GGUFLinear
+
+if TYPE_CHECKING:
+    from tokenwire.engine.models.llama import LlamaConfig
+
+# The four projections of a layer, in the plan's order (csrc/decoder_stack.cpp).
+_PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+# Columns of a layer's row in the plan: two norms, four (weight, type) pairs, then the two pools.
+_KEY_CACHE, _VALUE_CACHE = 10, 11
+
+
+class NativeStack:
+    """The decoder layers of a float32 LLaMA model run by ``native.decoder_stack``: the same kernels
+    the layers' modules call, so the same bits, without the Python and torch dispatch between them.
+
+    Build it with ``for_layers``, which says None where some part of a layer has no native form.
+    """
+
+    def __init__(self, layers: nn.ModuleList, config: LlamaConfig) -> None:
+        rows = []
+        for layer in layers:
+            row = [layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()]
+            for name in _PROJECTIONS:
+                part = layer.get_submodule(name).parts[0]
+                row += [part.data.data_ptr(), part.ggml_type]
+            rows.append(row + [0, 0])
+        # NOTE: the plan holds raw addresses; the stack keeps the layers, and so their weights, alive.
+        self.layers = layers
+        self.plan = torch.tensor(rows, dtype=torch.int64)
+        self.config = config
+        self._caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @classmethod
+    def for_layers(cls, layers: nn.ModuleList, config: LlamaConfig) -> NativeStack | None:
+        """The stack for these layers, or None unless every norm, attention and MLP has native ops
+        switched on and every projection is one float32 GGUF-block part that serves all rows."""
+        for layer in layers:
+            parts = (layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn, layer.mlp)
+            if not all(getattr(p, "native_ops", False) for p in parts):
+                return None
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if any(w.dtype != torch.float32 or not w.is_cpu or not w.is_contiguous() for w in norms):
+                return None
+            for name in _PROJECTIONS:
+                linear = layer.get_submodule(name)
+                if not isinstance(linear, GGUFLinear) or linear.dense is not None or len(linear.parts) != 1:
+                    return None
+        return cls(layers, config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor | None:
+        """Run every layer over x [T, hidden] (updated in place and returned); None, with nothing
+        run, where the step needs a path the native stack does not take (a padded prompt batch,
+        attention without the native kernels, a cache other than float32)."""
+        if (
+            meta.kv_writer is None
+            or meta.prefill_batch is not None
+            or (meta.num_decode_tokens and meta.decode_kernel is None)
+            or (meta.prefills and (meta.prefill_kernel is None or meta.prefill_tables is None))
+            or kv_caches[0][0].dtype != torch.float32
+        ):
+            return None
+        if kv_caches is not self._caches or self.plan[0, _KEY_CACHE] != kv_caches[0][0].data_ptr():
+            self._set_caches(kv_caches)
+        cfg = self.config
+        cos, sin = rope
+        chunks = meta.prefill_tables
+        if chunks is None:
+            none = torch.zeros((0,), dtype=torch.int64)
+            chunk_tables, query_lens, context_lens = none.view(0, 1), none, none
+        else:
+            chunk_tables, query_lens, context_lens = chunks.block_tables, chunks.query_lens, chunks.context_lens
+        native.decoder_stack(
+            self.plan, x, cos.squeeze(-2), sin.squeeze(-2), meta.slot_mapping, kv_caches[0][0],
+            meta.decode_block_tables[: meta.num_decode_tokens], meta.decode_context_lens,
+            chunk_tables, query_lens, context_lens,
+            num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size,
+            eps=cfg.rms_norm_eps, scale=cfg.head_dim**-0.5,
+        )  # fmt: skip
+        return x
+
+    def _set_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write the pools' addresses into the plan, once per list of pools (the runner's, made once)."""
+        first = kv_caches[0][0]
+        if len(kv_caches) != self.plan.shape[0] or any(
+            c.dtype != torch.float32 or c.shape != first.shape or not c.is_contiguous() or not c.is_cpu
+            for pair in kv_caches
+            for c in pair
+        ):
+            raise ValueError("need one pair of contiguous float32 CPU pools of one shape per layer")
+        self.plan[:, _KEY_CACHE] = torch.tensor([k.data_ptr() for k, _ in kv_caches])
+        self.plan[:, _VALUE_CACHE] = torch.tensor([v.data_ptr() for _, v in kv_caches])
+        self._caches = kv_caches

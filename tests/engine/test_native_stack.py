@@ -1,0 +1,140 @@
+"""The float32 decoder stack as one native call: the layers' bits, where it is used, what it refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenwire.engine import LLM, SamplingParams, native
+from tokenwire.engine.attention import AttentionMetadata, PrefillChunk, PrefillTables
+from tokenwire.engine.models.native_stack import NativeStack
+
+pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler here")
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    # NOTE: a small pool and token budget, so that prompts are split into chunks across steps and
+    # chunks meet earlier context in the pool.
+    return LLM(dtype="float32", kv_cache_memory=1 << 25, max_num_batched_tokens=96, enable_prefix_caching=True)
+
+
+def _run(llm: LLM, stack: NativeStack | None) -> list[tuple[list[int], list[float]]]:
+    """Mixed requests (decodes beside prompt chunks, a prefix-cache hit, seeded sampling), with
+    the model's layers run as ``stack`` says: the native stack, or the modules one by one."""
+    model = llm.core.runner.model
+    model._native_stack = stack
+    llm.core.reset_prefix_cache()
+    preamble = "You are a helpful assistant. Answer in one short sentence, and name your source. " * 6
+    prompts = [
+        "The capital of France is",
+        preamble + "What is the tallest mountain on Earth?",
+        "def fibonacci(n):\n    a, b = 0, 1\n",
+        preamble + "Why is the sky blue?",
+        "Once upon a time",
+    ]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=20, ignore_eos=True, logprobs=2),
+    ]
+    # The preamble first, so that the batch's two preamble prompts find it in the prefix cache.
+    outs = llm.generate([preamble], params[0])
+    outs += llm.generate(prompts, [params[i % 2] for i in range(len(prompts))])
+    return [(o.token_ids, [p.logprob for p in o.logprobs]) for o in outs]
+
+
+@pytest.mark.slow
+def test_the_stack_gives_the_bits_of_the_layers_run_one_by_one(llm: LLM) -> None:
+    stack = llm.core.runner.model._stack()
+    assert stack is not None, "the default float32 model on CPU has every part in native form"
+    calls = []
+    original = NativeStack.forward
+
+    def counted(self: NativeStack, *args: object) -> torch.Tensor | None:
+        result = original(self, *args)  # type: ignore[arg-type]
+        calls.append(result is not None)
+        return result
+
+    hits = llm.stats().prefix_cache_hit_tokens
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(NativeStack, "forward", counted)
+        with_stack = _run(llm, stack)
+    assert calls and all(calls), "every step of the run went through the native stack"
+    assert llm.stats().prefix_cache_hit_tokens > hits, "a prompt's chunk met its cached preamble"
+    # Token ids and logprobs, compared exactly: the same logits, bit for bit.
+    assert with_stack == _run(llm, None)
+    llm.core.runner.model._native_stack = stack
+
+
+def test_the_stack_is_built_only_where_every_part_is_native() -> None:
+    assert LLM(dtype="bfloat16", kv_cache_memory=1 << 24).core.runner.model._stack() is None
+    plain = LLM(dtype="float32", kv_cache_memory=1 << 24, native_kernels=False).core.runner.model
+    assert not plain.native_ops
+    assert NativeStack.for_layers(plain.layers, plain.config) is None
+
+
+def _decode_meta(slots: list[int], lens: list[int], table: list[int], **kwargs: object) -> AttentionMetadata:
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots),
+        num_decode_tokens=len(lens),
+        decode_block_tables=torch.tensor([table] * len(lens)),
+        decode_context_lens=torch.tensor(lens),
+        kv_writer=native.write_kv,
+        decode_kernel=native.paged_decode_attention,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _caches(dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pools of 4 blocks (64 slots) for the default model's 30 layers."""
+    return [(torch.zeros(4, 16, 3, 64, dtype=dtype), torch.zeros(4, 16, 3, 64, dtype=dtype)) for _ in range(30)]
+
+
+def test_a_step_the_stack_does_not_take_is_left_to_the_layers(llm: LLM) -> None:
+    stack = llm.core.runner.model._stack()
+    assert stack is not None
+    x = torch.randn(1, 576)
+    rope = llm.core.runner.model.rotary.tables(torch.tensor([0]))
+    before = x.clone()
+    # A float16 pool (the stack writes float32 rows), a prompt chunk without the prefill kernel.
+    assert stack.forward(x, rope, _caches(torch.float16), _decode_meta([0], [1], [0])) is None
+    chunk = PrefillChunk(query_start=0, query_len=1, context_len=1, block_table=torch.tensor([0]))
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([0]), num_decode_tokens=0, decode_block_tables=torch.zeros((0, 1), dtype=torch.long),
+        decode_context_lens=torch.zeros((0,), dtype=torch.long), prefills=[chunk], kv_writer=native.write_kv,
+    )  # fmt: skip
+    assert stack.forward(x, rope, _caches(), meta) is None
+    assert torch.equal(x, before)
+
+
+def test_the_stack_refuses_what_it_cannot_read(llm: LLM) -> None:
+    stack = llm.core.runner.model._stack()
+    assert stack is not None
+    rope = llm.core.runner.model.rotary.tables(torch.tensor([0, 1]))
+    caches = _caches()
+    x = torch.randn(2, 576)
+    before = x.clone()
+    # A slot past the pool's 64: refused before anything is written, so x and the pools are as they were.
+    with pytest.raises(ValueError, match="out of range"):
+        stack.forward(x, rope, caches, _decode_meta([3, 64], [4, 2], [0]))
+    assert torch.equal(x, before)
+    assert not any(c.any() for pair in caches for c in pair)
+    # A block id outside the pool, and query lengths that do not add up to the prompt rows.
+    with pytest.raises(ValueError, match="out of range"):
+        stack.forward(x, rope, caches, _decode_meta([3, 4], [4, 5], [9]))
+    tables = PrefillTables(torch.tensor([[0]]), query_lens=torch.tensor([3]), context_lens=torch.tensor([3]))
+    chunk = PrefillChunk(query_start=0, query_len=2, context_len=2, block_table=torch.tensor([0]))
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([0, 1]), num_decode_tokens=0, decode_block_tables=torch.zeros((0, 1), dtype=torch.long),
+        decode_context_lens=torch.zeros((0,), dtype=torch.long), prefills=[chunk], kv_writer=native.write_kv,
+        prefill_kernel=native.paged_prefill_attention, prefill_tables=tables,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="do not add up"):
+        stack.forward(x, rope, caches, meta)
+    # Pools that do not match the model's layers.
+    with pytest.raises(ValueError, match="one pair"):
+        stack.forward(x, rope, caches[:3], _decode_meta([3, 4], [4, 5], [0]))
+    meta = _decode_meta([3, 4], [4, 5], [0])
+    object.__setattr__(meta, "slot_mapping", meta.slot_mapping.int())
+    with pytest.raises(ValueError, match="int64"):
+        stack.forward(x, rope, caches, meta)
