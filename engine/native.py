@@ -182,7 +182,7 @@ def _library() -> ctypes.CDLL | None:
             "tw_quant_pack": [i32, p, i64, i64, i64, p, i32],
             "tw_write_kv": [p, i64, p, i64, p, p, p, i64, i64, i64, i32],
             "tw_decoder_stack": [p, i64, p, i64, i64, i64, i64, i64, i64, f32, p, p, p, i64, p, i64, i64, p, i64, p,
-                                 i64, i64, p, p, i64, i64, f32, p, i32],
+                                 i64, i64, p, p, i32, i64, i64, f32, p, i32],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
@@ -397,7 +397,8 @@ def decoder_stack(
     """Run a float32 LLaMA decoder stack over x [T, hidden] in place (``csrc/decoder_stack.cpp``).
 
     ``plan`` ([layers, 12] int64, from ``models.native_stack``) holds each layer's weights and
-    pools by address; ``pool`` is one of the pools, for their shape. cos, sin: [T, D] float32;
+    pools by address; ``pool`` is one of the pools, for their shape and dtype (float32, bfloat16
+    or float16, into which new keys and values are rounded as ``.to()`` rounds). cos, sin: [T, D] float32;
     slot_mapping: [T]; the first S = ``decode_lens.shape[0]`` rows are decodes (decode_tables
     [S, W]), the rest prompt chunks (chunk_tables [C, W'], query_lens and context_lens [C]), as
     the native attention kernels take them.
@@ -409,8 +410,10 @@ def decoder_stack(
     num_tokens, hidden = x.shape
     _, block_size, h_kv, d = pool.shape
     ints = (slot_mapping, decode_tables, decode_lens, chunk_tables, query_lens, context_lens)
+    cache_code = _CACHE_DTYPE_CODES.get(pool.dtype)
     if not (
-        x.dtype == cos.dtype == sin.dtype == pool.dtype == torch.float32
+        x.dtype == cos.dtype == sin.dtype == torch.float32
+        and cache_code is not None
         and x.is_contiguous()
         and cos.is_contiguous()
         and sin.is_contiguous()
@@ -433,7 +436,8 @@ def decoder_stack(
         raise ValueError(
             f"x {tuple(x.shape)} {x.dtype}, tables cos/sin {tuple(cos.shape)}, pool {tuple(pool.shape)} {pool.dtype}, "
             f"decode tables {tuple(decode_tables.shape)}, chunk tables {tuple(chunk_tables.shape)}: need contiguous "
-            "float32 x [T, hidden], cos and sin [T, D], int64 slots, tables and lengths"
+            "float32 x [T, hidden], cos and sin [T, D], a float32, bfloat16 or float16 pool, int64 slots, tables "
+            "and lengths"
         )
     per_row = lib.tw_decoder_stack_scratch(hidden, num_heads, num_kv_heads, d, intermediate_size)
     scratch = torch.empty(max(num_tokens * per_row, 1), dtype=torch.float32)
@@ -442,11 +446,11 @@ def decoder_stack(
         intermediate_size, eps, cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), decode_lens.shape[0],
         decode_tables.data_ptr(), decode_tables.stride(0), decode_tables.shape[1], decode_lens.data_ptr(),
         query_lens.shape[0], chunk_tables.data_ptr(), chunk_tables.stride(0), chunk_tables.shape[1],
-        query_lens.data_ptr(), context_lens.data_ptr(), pool.shape[0], block_size, scale, scratch.data_ptr(),
+        query_lens.data_ptr(), context_lens.data_ptr(), cache_code, pool.shape[0], block_size, scale, scratch.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
     if rc == 1:
-        raise ValueError("a projection's GGUF type is not one the matmul takes")
+        raise ValueError(f"a projection's GGUF type, or a {pool.dtype} pool, is not one this build takes")
     if rc != 0:
         raise ValueError(
             "a slot, block id or length is out of range, or the query lengths do not add up to the prompt rows"

@@ -69,6 +69,11 @@ inline void store(float x, uint16_t* dst) {
   *dst = static_cast<uint16_t>(bits >> 16);
 }
 
+#ifdef TW_AVX2
+// Round to nearest even, as torch does when it casts float32 to float16 (F16C's conversion).
+inline void store(float x, Half* dst) { dst->bits = _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+#endif
+
 // The value a float32 result has once stored in T (for steps that torch rounds to T).
 template <typename T>
 inline float round_to(float x) {

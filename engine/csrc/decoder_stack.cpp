@@ -13,8 +13,9 @@
 // stride decode_stride, lengths decode_lens), the rest prompt chunks one after another (tables
 // [num_chunks, width], lengths query_lens and context_lens), as AttentionMetadata describes them.
 // Per layer, plan holds kPlanFields int64: the two norm weights, the four projections' packed
-// weights and GGUF types, and the layer's key and value pools (float32 [num_blocks, block_size,
-// num_kv_heads, head_dim]).
+// weights and GGUF types, and the layer's key and value pools ([num_blocks, block_size,
+// num_kv_heads, head_dim] of cache_dtype: float32, or bfloat16 or float16, into which the new keys
+// and values are rounded to nearest even, as torch's .to() rounds them, NaN aside).
 
 #include <cstdint>
 #include <cstring>
@@ -71,6 +72,33 @@ T* field(const int64_t* layer, PlanField f) {
 // Below this many elements, one thread is faster than a parallel region.
 constexpr int64_t kParallelElements = 1 << 16;
 
+// Rows of k and v (row stride `stride` floats, `width` each) in a 16-bit cache type T, all k rows
+// and then all v rows, for tw_write_kv.
+template <typename T>
+void narrow_rows(const float* k, const float* v, int64_t stride, int64_t rows, int64_t width, T* dst) {
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t i = 0; i < width; ++i) {
+      tw::store(k[t * stride + i], dst + t * width + i);
+      tw::store(v[t * stride + i], dst + (rows + t) * width + i);
+    }
+}
+
+// narrow_rows for a cache type code (bfloat16, or float16 where F16C converts it); false for another.
+bool narrow_kv(int cache_dtype, const float* k, const float* v, int64_t stride, int64_t rows, int64_t width,
+               uint16_t* dst) {
+  if (cache_dtype == tw::kBFloat16) {
+    narrow_rows(k, v, stride, rows, width, dst);
+    return true;
+  }
+#ifdef TW_AVX2
+  if (cache_dtype == tw::kFloat16) {
+    narrow_rows(k, v, stride, rows, width, reinterpret_cast<tw::Half*>(dst));
+    return true;
+  }
+#endif
+  return false;
+}
+
 // x += y over n floats: torch's x + y, element by element.
 void add_into(float* x, const float* y, int64_t n, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if (n >= kParallelElements)
@@ -85,11 +113,11 @@ extern "C" {
 int64_t tw_decoder_stack_scratch(int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                  int64_t intermediate) {
   const int64_t q_size = num_heads * head_dim, qkv = (num_heads + 2 * num_kv_heads) * head_dim;
-  return 2 * hidden + qkv + 2 * q_size + 3 * intermediate;
+  return 2 * hidden + qkv + 2 * q_size + 3 * intermediate + num_kv_heads * head_dim;
 }
 
 // Runs num_layers layers over x in place. Returns 0; 1 for a projection type the matmul does not
-// take; 2 for a slot, block id or length out of range, or query lengths that do not add up to the
+// take or a cache type this build does not write; 2 for a slot, block id or length out of range, or query lengths that do not add up to the
 // prompt rows (each checked before it is read through).
 int tw_decoder_stack(const int64_t* plan, int64_t num_layers, float* x, int64_t num_tokens, int64_t hidden,
                      int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate, float eps,
@@ -97,15 +125,16 @@ int tw_decoder_stack(const int64_t* plan, int64_t num_layers, float* x, int64_t 
                      const int64_t* decode_tables, int64_t decode_stride, int64_t decode_width,
                      const int64_t* decode_lens, int64_t num_chunks, const int64_t* chunk_tables,
                      int64_t chunk_stride, int64_t chunk_width, const int64_t* query_lens,
-                     const int64_t* context_lens, int64_t num_blocks, int64_t block_size, float scale,
-                     float* scratch, int num_threads) {
+                     const int64_t* context_lens, int cache_dtype, int64_t num_blocks, int64_t block_size,
+                     float scale, float* scratch, int num_threads) {
   const int64_t T = num_tokens, D = head_dim;
   const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D, qkv_size = q_size + 2 * kv_size;
   int64_t prompt_rows = 0;
   for (int64_t c = 0; c < num_chunks; ++c) prompt_rows += query_lens[c];
   if (num_decode < 0 || prompt_rows != T - num_decode) return 2;
   // Scratch rows: h [hidden] (norm outputs), qkv, q (contiguous for attention), attention output,
-  // y [hidden] (the projections back to hidden), gate/up [2 I], act [I].
+  // y [hidden] (the projections back to hidden), gate/up [2 I], act [I], and room for a row of
+  // keys and one of values in a 16-bit cache type.
   float* h = scratch;
   float* qkv = h + T * hidden;
   float* q = qkv + T * qkv_size;
@@ -113,6 +142,7 @@ int tw_decoder_stack(const int64_t* plan, int64_t num_layers, float* x, int64_t 
   float* y = attn + T * q_size;
   float* gate_up = y + T * hidden;
   float* act = gate_up + T * 2 * intermediate;
+  uint16_t* narrow = reinterpret_cast<uint16_t*>(act + T * intermediate);
   for (int64_t l = 0; l < num_layers; ++l) {
     const int64_t* layer = plan + l * kPlanFields;
     tw_rms_norm(tw::kFloat32, x, hidden, field<const float>(layer, kInputNorm), h, hidden, T, hidden, eps,
@@ -122,19 +152,27 @@ int tw_decoder_stack(const int64_t* plan, int64_t num_layers, float* x, int64_t 
       return 1;
     // q and k side by side: one rotation covers both, in place.
     tw_rotary(tw::kFloat32, qkv, qkv_size, T, num_heads + num_kv_heads, D, cos, sin, num_threads);
-    float* k_cache = field<float>(layer, kKeyCache);
-    float* v_cache = field<float>(layer, kValueCache);
-    if (tw_write_kv(qkv + q_size, qkv_size * 4, qkv + q_size + kv_size, qkv_size * 4, k_cache, v_cache, slots, T,
-                    num_blocks * block_size, kv_size * 4, num_threads) != 0)
-      return 2;
+    void* k_cache = field<void>(layer, kKeyCache);
+    void* v_cache = field<void>(layer, kValueCache);
+    const float* k = qkv + q_size;
+    int rc;
+    if (cache_dtype == tw::kFloat32) {
+      rc = tw_write_kv(k, qkv_size * 4, k + kv_size, qkv_size * 4, k_cache, v_cache, slots, T,
+                       num_blocks * block_size, kv_size * 4, num_threads);
+    } else {
+      if (!narrow_kv(cache_dtype, k, k + kv_size, qkv_size, T, kv_size, narrow)) return 1;
+      rc = tw_write_kv(narrow, kv_size * 2, narrow + T * kv_size, kv_size * 2, k_cache, v_cache, slots, T,
+                       num_blocks * block_size, kv_size * 2, num_threads);
+    }
+    if (rc != 0) return 2;
     for (int64_t t = 0; t < T; ++t) std::memcpy(q + t * q_size, qkv + t * qkv_size, sizeof(float) * q_size);
     if (num_decode > 0 &&
-        tw_paged_decode_attention(tw::kFloat32, tw::kFloat32, q, k_cache, v_cache, num_blocks, decode_tables,
+        tw_paged_decode_attention(tw::kFloat32, cache_dtype, q, k_cache, v_cache, num_blocks, decode_tables,
                                   decode_stride, decode_width, decode_lens, attn, num_decode, num_heads,
                                   num_kv_heads, D, block_size, scale, num_threads) != 0)
       return 2;
     if (num_chunks > 0 &&
-        tw_paged_prefill_attention(tw::kFloat32, tw::kFloat32, q + num_decode * q_size, k_cache, v_cache,
+        tw_paged_prefill_attention(tw::kFloat32, cache_dtype, q + num_decode * q_size, k_cache, v_cache,
                                    num_blocks, chunk_tables, chunk_stride, chunk_width, query_lens, context_lens,
                                    attn + num_decode * q_size, num_chunks, num_heads, num_kv_heads, D, block_size,
                                    scale, num_threads) != 0)

@@ -67,13 +67,12 @@ class NativeStack:
     ) -> torch.Tensor | None:
         """Run every layer over x [T, hidden] (updated in place and returned); None, with nothing
         run, where the step needs a path the native stack does not take (a padded prompt batch,
-        attention without the native kernels, a cache other than float32)."""
+        attention without the native kernels)."""
         if (
             meta.kv_writer is None
             or meta.prefill_batch is not None
             or (meta.num_decode_tokens and meta.decode_kernel is None)
             or (meta.prefills and (meta.prefill_kernel is None or meta.prefill_tables is None))
-            or kv_caches[0][0].dtype != torch.float32
         ):
             return None
         if kv_caches is not self._caches or self.plan[0, _KEY_CACHE] != kv_caches[0][0].data_ptr():
@@ -99,11 +98,11 @@ class NativeStack:
         """Write the pools' addresses into the plan, once per list of pools (the runner's, made once)."""
         first = kv_caches[0][0]
         if len(kv_caches) != self.plan.shape[0] or any(
-            c.dtype != torch.float32 or c.shape != first.shape or not c.is_contiguous() or not c.is_cpu
+            c.dtype != first.dtype or c.shape != first.shape or not c.is_contiguous() or not c.is_cpu
             for pair in kv_caches
             for c in pair
         ):
-            raise ValueError("need one pair of contiguous float32 CPU pools of one shape per layer")
+            raise ValueError("need one pair of contiguous CPU pools of one shape and dtype per layer")
         self.plan[:, _KEY_CACHE] = torch.tensor([k.data_ptr() for k, _ in kv_caches])
         self.plan[:, _VALUE_CACHE] = torch.tensor([v.data_ptr() for _, v in kv_caches])
         self._caches = kv_caches

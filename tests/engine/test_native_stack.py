@@ -12,11 +12,18 @@ from tokenwire.engine.models.native_stack import NativeStack
 pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler here")
 
 
-@pytest.fixture(scope="module")
-def llm() -> LLM:
+def _llm(kv_cache_dtype: str = "auto") -> LLM:
     # NOTE: a small pool and token budget, so that prompts are split into chunks across steps and
     # chunks meet earlier context in the pool.
-    return LLM(dtype="float32", kv_cache_memory=1 << 25, max_num_batched_tokens=96, enable_prefix_caching=True)
+    return LLM(
+        dtype="float32", kv_cache_memory=1 << 25, max_num_batched_tokens=96, enable_prefix_caching=True,
+        kv_cache_dtype=kv_cache_dtype,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return _llm()
 
 
 def _run(llm: LLM, stack: NativeStack | None) -> list[tuple[list[int], list[float]]]:
@@ -44,7 +51,10 @@ def _run(llm: LLM, stack: NativeStack | None) -> list[tuple[list[int], list[floa
 
 
 @pytest.mark.slow
-def test_the_stack_gives_the_bits_of_the_layers_run_one_by_one(llm: LLM) -> None:
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "float16", "bfloat16"])
+def test_the_stack_gives_the_bits_of_the_layers_run_one_by_one(llm: LLM, kv_cache_dtype: str) -> None:
+    # A 16-bit pool: the stack rounds the new keys and values into it as torch's .to() does.
+    llm = llm if kv_cache_dtype == "auto" else _llm(kv_cache_dtype)
     stack = llm.core.runner.model._stack()
     assert stack is not None, "the default float32 model on CPU has every part in native form"
     calls = []
@@ -96,8 +106,7 @@ def test_a_step_the_stack_does_not_take_is_left_to_the_layers(llm: LLM) -> None:
     x = torch.randn(1, 576)
     rope = llm.core.runner.model.rotary.tables(torch.tensor([0]))
     before = x.clone()
-    # A float16 pool (the stack writes float32 rows), a prompt chunk without the prefill kernel.
-    assert stack.forward(x, rope, _caches(torch.float16), _decode_meta([0], [1], [0])) is None
+    # A prompt chunk without the prefill kernel.
     chunk = PrefillChunk(query_start=0, query_len=1, context_len=1, block_table=torch.tensor([0]))
     meta = AttentionMetadata(
         slot_mapping=torch.tensor([0]), num_decode_tokens=0, decode_block_tables=torch.zeros((0, 1), dtype=torch.long),
@@ -131,9 +140,11 @@ def test_the_stack_refuses_what_it_cannot_read(llm: LLM) -> None:
     )  # fmt: skip
     with pytest.raises(ValueError, match="do not add up"):
         stack.forward(x, rope, caches, meta)
-    # Pools that do not match the model's layers.
+    # Pools that do not match the model's layers, or that the kernels do not read.
     with pytest.raises(ValueError, match="one pair"):
         stack.forward(x, rope, caches[:3], _decode_meta([3, 4], [4, 5], [0]))
+    with pytest.raises(ValueError, match="float16 pool"):
+        stack.forward(x, rope, _caches(torch.float64), _decode_meta([3, 4], [4, 5], [0]))
     meta = _decode_meta([3, 4], [4, 5], [0])
     object.__setattr__(meta, "slot_mapping", meta.slot_mapping.int())
     with pytest.raises(ValueError, match="int64"):
