@@ -190,6 +190,7 @@ def _library() -> ctypes.CDLL | None:
         lib.tw_quant_row_bytes.argtypes, lib.tw_quant_row_bytes.restype = [i32, i64], i64
         lib.tw_quant_packed_bytes.argtypes, lib.tw_quant_packed_bytes.restype = [i32, i64, i64], i64
         lib.tw_decoder_stack_scratch.argtypes, lib.tw_decoder_stack_scratch.restype = [i64] * 5, i64
+        lib.tw_decoder_stack_plan_fields.argtypes, lib.tw_decoder_stack_plan_fields.restype = [], i64
         _loaded = lib
         return lib
 
@@ -375,6 +376,11 @@ def write_kv(
         raise ValueError(f"a slot is outside the pool's {num_blocks * block_size} slots")
 
 
+def decoder_stack_plan_fields() -> int:
+    """int64 fields per layer in ``decoder_stack``'s plan (``csrc/decoder_stack.cpp`` lays them out)."""
+    return int(_loaded_library().tw_decoder_stack_plan_fields())
+
+
 def decoder_stack(
     plan: torch.Tensor,
     x: torch.Tensor,
@@ -396,7 +402,7 @@ def decoder_stack(
 ) -> None:
     """Run a float32 LLaMA decoder stack over x [T, hidden] in place (``csrc/decoder_stack.cpp``).
 
-    ``plan`` ([layers, 12] int64, from ``models.native_stack``) holds each layer's weights and
+    ``plan`` ([layers, ``decoder_stack_plan_fields()``] int64, from ``models.native_stack``) holds each layer's weights and
     pools by address; ``pool`` is one of the pools, for their shape and dtype (float32, bfloat16
     or float16, into which new keys and values are rounded as ``.to()`` rounds). cos, sin: [T, D] float32;
     slot_mapping: [T]; the first S = ``decode_lens.shape[0]`` rows are decodes (decode_tables
@@ -423,7 +429,7 @@ def decoder_stack(
         and plan.dtype == torch.int64
         and plan.is_contiguous()
         and plan.dim() == 2
-        and plan.shape[1] == 12
+        and plan.shape[1] == lib.tw_decoder_stack_plan_fields()
         and all(t.dtype == torch.int64 and t.is_cpu and t.is_contiguous() for t in ints)
         and slot_mapping.shape == (num_tokens,)
         and decode_tables.dim() == chunk_tables.dim() == 2
@@ -450,7 +456,7 @@ def decoder_stack(
         torch.get_num_threads(),
     )  # fmt: skip
     if rc == 1:
-        raise ValueError(f"a projection's GGUF type, or a {pool.dtype} pool, is not one this build takes")
+        raise ValueError(f"a projection's parts, or a {pool.dtype} pool, are not what this build takes")
     if rc != 0:
         raise ValueError(
             "a slot, block id or length is out of range, or the query lengths do not add up to the prompt rows"

@@ -12,8 +12,10 @@
 // slots [T]; the first num_decode rows are single-token decodes (tables [num_decode, width], row
 // stride decode_stride, lengths decode_lens), the rest prompt chunks one after another (tables
 // [num_chunks, width], lengths query_lens and context_lens), as AttentionMetadata describes them.
-// Per layer, plan holds kPlanFields int64: the two norm weights, the four projections' packed
-// weights and GGUF types, and the layer's key and value pools ([num_blocks, block_size,
+// Per layer, plan holds kPlanFields int64: the two norm weights; for each of the four projections
+// up to kMaxParts (packed weight, GGUF type, output columns) triples, unused ones zero (a fused
+// weight whose shards have different types, as in a Q4_K_M file, is one part per run of a type,
+// each writing its own columns); and the layer's key and value pools ([num_blocks, block_size,
 // num_kv_heads, head_dim] of cache_dtype: float32, or bfloat16 or float16, into which the new keys
 // and values are rounded to nearest even, as torch's .to() rounds them, NaN aside).
 
@@ -47,26 +49,44 @@ int tw_paged_prefill_attention(int dtype, int cache_dtype, const void* q, const 
 
 namespace {
 
-// int64 fields per layer in the plan, in this order.
+// Parts per projection, and int64 fields per part (weight, type, columns) and per projection.
+constexpr int64_t kMaxParts = 3;
+constexpr int64_t kPartFields = 3;
+constexpr int64_t kProjectionFields = kMaxParts * kPartFields;
+
+// Offsets of a layer's fields in the plan.
 enum PlanField : int64_t {
-  kInputNorm,
-  kPostNorm,
-  kQKV,
-  kQKVType,
-  kOut,
-  kOutType,
-  kGateUp,
-  kGateUpType,
-  kDown,
-  kDownType,
-  kKeyCache,
+  kInputNorm = 0,
+  kPostNorm = 1,
+  kQKV = 2,
+  kOut = kQKV + kProjectionFields,
+  kGateUp = kOut + kProjectionFields,
+  kDown = kGateUp + kProjectionFields,
+  kKeyCache = kDown + kProjectionFields,
   kValueCache,
   kPlanFields
 };
 
 template <typename T>
-T* field(const int64_t* layer, PlanField f) {
+T* field(const int64_t* layer, int64_t f) {
   return reinterpret_cast<T*>(static_cast<intptr_t>(layer[f]));
+}
+
+// out[rows, n] = x[rows, k] @ W.T for a projection's parts (at `projection` in a layer's plan),
+// each writing its own columns, as GGUFLinear does. 1 where a part's type is not the matmul's or
+// the parts' columns do not add up to n.
+int project(const int64_t* projection, const float* x, int64_t rows, int64_t k, float* out, int64_t n,
+            int num_threads) {
+  int64_t col = 0;
+  for (int64_t p = 0; p < kMaxParts && projection[p * kPartFields] != 0; ++p) {
+    const int64_t* part = projection + p * kPartFields;
+    const int64_t cols = part[2];
+    if (col + cols > n || tw_quant_linear(static_cast<int>(part[1]), x, k, rows, k, field<const void>(part, 0), cols,
+                                          out + col, n, num_threads) != 0)
+      return 1;
+    col += cols;
+  }
+  return col == n ? 0 : 1;
 }
 
 // Below this many elements, one thread is faster than a parallel region.
@@ -109,6 +129,9 @@ void add_into(float* x, const float* y, int64_t n, int num_threads) {
 
 extern "C" {
 
+// int64 fields per layer of tw_decoder_stack's plan.
+int64_t tw_decoder_stack_plan_fields() { return kPlanFields; }
+
 // Floats of scratch tw_decoder_stack needs per row of the batch.
 int64_t tw_decoder_stack_scratch(int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                  int64_t intermediate) {
@@ -116,8 +139,9 @@ int64_t tw_decoder_stack_scratch(int64_t hidden, int64_t num_heads, int64_t num_
   return 2 * hidden + qkv + 2 * q_size + 3 * intermediate + num_kv_heads * head_dim;
 }
 
-// Runs num_layers layers over x in place. Returns 0; 1 for a projection type the matmul does not
-// take or a cache type this build does not write; 2 for a slot, block id or length out of range, or query lengths that do not add up to the
+// Runs num_layers layers over x in place. Returns 0; 1 for a projection whose parts the matmul
+// does not take (a type, or columns that do not add up) or a cache type this build does not
+// write; 2 for a slot, block id or length out of range, or query lengths that do not add up to the
 // prompt rows (each checked before it is read through).
 int tw_decoder_stack(const int64_t* plan, int64_t num_layers, float* x, int64_t num_tokens, int64_t hidden,
                      int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate, float eps,
@@ -147,9 +171,7 @@ int tw_decoder_stack(const int64_t* plan, int64_t num_layers, float* x, int64_t 
     const int64_t* layer = plan + l * kPlanFields;
     tw_rms_norm(tw::kFloat32, x, hidden, field<const float>(layer, kInputNorm), h, hidden, T, hidden, eps,
                 num_threads);
-    if (tw_quant_linear(static_cast<int>(layer[kQKVType]), h, hidden, T, hidden, field<const void>(layer, kQKV),
-                        qkv_size, qkv, qkv_size, num_threads) != 0)
-      return 1;
+    if (project(layer + kQKV, h, T, hidden, qkv, qkv_size, num_threads) != 0) return 1;
     // q and k side by side: one rotation covers both, in place.
     tw_rotary(tw::kFloat32, qkv, qkv_size, T, num_heads + num_kv_heads, D, cos, sin, num_threads);
     void* k_cache = field<void>(layer, kKeyCache);
@@ -177,19 +199,13 @@ int tw_decoder_stack(const int64_t* plan, int64_t num_layers, float* x, int64_t 
                                    attn + num_decode * q_size, num_chunks, num_heads, num_kv_heads, D, block_size,
                                    scale, num_threads) != 0)
       return 2;
-    if (tw_quant_linear(static_cast<int>(layer[kOutType]), attn, q_size, T, q_size, field<const void>(layer, kOut),
-                        hidden, y, hidden, num_threads) != 0)
-      return 1;
+    if (project(layer + kOut, attn, T, q_size, y, hidden, num_threads) != 0) return 1;
     add_into(x, y, T * hidden, num_threads);
     tw_rms_norm(tw::kFloat32, x, hidden, field<const float>(layer, kPostNorm), h, hidden, T, hidden, eps,
                 num_threads);
-    if (tw_quant_linear(static_cast<int>(layer[kGateUpType]), h, hidden, T, hidden, field<const void>(layer, kGateUp),
-                        2 * intermediate, gate_up, 2 * intermediate, num_threads) != 0)
-      return 1;
+    if (project(layer + kGateUp, h, T, hidden, gate_up, 2 * intermediate, num_threads) != 0) return 1;
     tw_silu_and_mul(tw::kFloat32, gate_up, 2 * intermediate, act, T, intermediate, num_threads);
-    if (tw_quant_linear(static_cast<int>(layer[kDownType]), act, intermediate, T, intermediate,
-                        field<const void>(layer, kDown), hidden, y, hidden, num_threads) != 0)
-      return 1;
+    if (project(layer + kDown, act, T, intermediate, y, hidden, num_threads) != 0) return 1;
     add_into(x, y, T * hidden, num_threads);
   }
   return 0;

@@ -16,8 +16,11 @@ if TYPE_CHECKING:
 
 # The four projections of a layer, in the plan's order (csrc/decoder_stack.cpp).
 _PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-# Columns of a layer's row in the plan: two norms, four (weight, type) pairs, then the two pools.
-_KEY_CACHE, _VALUE_CACHE = 10, 11
+# Parts a projection may have: a fused weight is one part per run of shards of one GGUF type.
+_MAX_PARTS = 3
+# A layer's row in the plan: two norms, per projection _MAX_PARTS (weight, type, columns) triples,
+# then the two pools, in its last two columns.
+_KEY_CACHE, _VALUE_CACHE = -2, -1
 
 
 class NativeStack:
@@ -32,9 +35,13 @@ class NativeStack:
         for layer in layers:
             row = [layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()]
             for name in _PROJECTIONS:
-                part = layer.get_submodule(name).parts[0]
-                row += [part.data.data_ptr(), part.ggml_type]
+                parts = layer.get_submodule(name).parts
+                for part in parts:
+                    row += [part.data.data_ptr(), part.ggml_type, part.out_features]
+                row += [0, 0, 0] * (_MAX_PARTS - len(parts))
             rows.append(row + [0, 0])
+        if len(rows[0]) != native.decoder_stack_plan_fields():
+            raise RuntimeError(f"a plan row of {len(rows[0])} fields, the native stack takes {native.decoder_stack_plan_fields()}")
         # NOTE: the plan holds raw addresses; the stack keeps the layers, and so their weights, alive.
         self.layers = layers
         self.plan = torch.tensor(rows, dtype=torch.int64)
@@ -44,7 +51,7 @@ class NativeStack:
     @classmethod
     def for_layers(cls, layers: nn.ModuleList, config: LlamaConfig) -> NativeStack | None:
         """The stack for these layers, or None unless every norm, attention and MLP has native ops
-        switched on and every projection is one float32 GGUF-block part that serves all rows."""
+        switched on and every projection is float32 GGUF blocks (at most three parts) that serve all rows."""
         for layer in layers:
             parts = (layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn, layer.mlp)
             if not all(getattr(p, "native_ops", False) for p in parts):
@@ -54,7 +61,7 @@ class NativeStack:
                 return None
             for name in _PROJECTIONS:
                 linear = layer.get_submodule(name)
-                if not isinstance(linear, GGUFLinear) or linear.dense is not None or len(linear.parts) != 1:
+                if not isinstance(linear, GGUFLinear) or linear.dense is not None or len(linear.parts) > _MAX_PARTS:
                     return None
         return cls(layers, config)
 

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import gguf
 import pytest
 import torch
+from gguf import GGMLQuantizationType as Q
 
 from tokenwire.engine import LLM, SamplingParams, native
 from tokenwire.engine.attention import AttentionMetadata, PrefillChunk, PrefillTables
+from tokenwire.engine.loader import load_gguf
+from tokenwire.engine.models.gguf_linear import block_rows_limit, use_gguf_blocks
+from tokenwire.engine.models.layers import enable_native_ops
 from tokenwire.engine.models.native_stack import NativeStack
+
+from .test_loader import IDS, write_llama_gguf
 
 pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler here")
 
@@ -74,6 +84,44 @@ def test_the_stack_gives_the_bits_of_the_layers_run_one_by_one(llm: LLM, kv_cach
     # Token ids and logprobs, compared exactly: the same logits, bit for bit.
     assert with_stack == _run(llm, None)
     llm.core.runner.model._native_stack = stack
+
+
+@pytest.mark.skipif(block_rows_limit() is not None, reason="the blocks serve only a few rows on this CPU")
+def test_a_fused_weight_of_two_types_runs_in_the_stack_as_in_the_layers(tmp_path: Path, make_tiny_hf_llama: Any) -> None:
+    assert native.available(torch.device("cpu"), torch.float32)  # NOTE: builds and loads the kernels
+    hf_model = make_tiny_hf_llama(tmp_path / "hf", tied=False, seed=6)
+    # As in a Q4_K_M file: the value projection of another type than q and k.
+    v = hf_model.model.layers[0].self_attn.v_proj.weight.detach().float().numpy()
+    override = {"blk.0.attn_v.weight": (gguf.quants.quantize(v, Q.Q4_0), Q.Q4_0)}
+    write_llama_gguf(tmp_path / "tiny.gguf", hf_model, Q.Q8_0, override=override)
+    model = load_gguf(tmp_path / "tiny.gguf", torch.float32, torch.device("cpu"), progress=False).model
+    use_gguf_blocks(model, model.gguf_linear_blocks(), None)
+    enable_native_ops(model)
+    stack = model._stack()
+    assert stack is not None and len(model.layers[0].self_attn.qkv_proj.parts) == 2
+    cfg = model.config
+    prompt = len(IDS)
+    steps = [  # a prompt as one chunk, then two decodes, in block 0 of each layer's pool
+        (IDS, list(range(prompt)), AttentionMetadata(
+            slot_mapping=torch.arange(prompt), num_decode_tokens=0,
+            decode_block_tables=torch.zeros((0, 1), dtype=torch.long), decode_context_lens=torch.zeros((0,), dtype=torch.long),
+            prefills=[PrefillChunk(0, prompt, prompt, torch.tensor([0]))], prefill_kernel=native.paged_prefill_attention,
+            prefill_tables=PrefillTables(torch.tensor([[0]]), torch.tensor([prompt]), torch.tensor([prompt])),
+            decode_kernel=native.paged_decode_attention, kv_writer=native.write_kv,
+        )),
+        ([7], [prompt], _decode_meta([prompt], [prompt + 1], [0])),
+        ([40], [prompt + 1], _decode_meta([prompt + 1], [prompt + 2], [0])),
+    ]  # fmt: skip
+    hidden = {}
+    for name, use in (("stack", stack), ("layers", None)):
+        model._native_stack = use
+        pools = [(torch.zeros(2, 16, cfg.num_kv_heads, cfg.head_dim), torch.zeros(2, 16, cfg.num_kv_heads, cfg.head_dim))
+                 for _ in range(cfg.num_layers)]  # fmt: skip
+        with torch.inference_mode():
+            hidden[name] = [
+                model.forward_flat(torch.tensor(ids), torch.tensor(pos), pools, meta) for ids, pos, meta in steps
+            ]
+    assert all(torch.equal(a, b) for a, b in zip(hidden["stack"], hidden["layers"]))
 
 
 def test_the_stack_is_built_only_where_every_part_is_native() -> None:
