@@ -402,12 +402,12 @@ def decoder_stack(
 ) -> None:
     """Run a float32 LLaMA decoder stack over x [T, hidden] in place (``csrc/decoder_stack.cpp``).
 
-    ``plan`` ([layers, ``decoder_stack_plan_fields()``] int64, from ``models.native_stack``) holds each layer's weights and
-    pools by address; ``pool`` is one of the pools, for their shape and dtype (float32, bfloat16
-    or float16, into which new keys and values are rounded as ``.to()`` rounds). cos, sin: [T, D] float32;
-    slot_mapping: [T]; the first S = ``decode_lens.shape[0]`` rows are decodes (decode_tables
-    [S, W]), the rest prompt chunks (chunk_tables [C, W'], query_lens and context_lens [C]), as
-    the native attention kernels take them.
+    ``plan`` ([layers, ``decoder_stack_plan_fields()``] int64, from ``models.native_stack``, built
+    for these shapes) holds each layer's weights and pools by address; ``pool`` is one of the
+    pools, for their shape and dtype (float32, bfloat16 or float16, into which new keys and values
+    are rounded as ``.to()`` rounds). cos, sin: [T, D] float32; slot_mapping: [T]; the first
+    S = ``decode_lens.shape[0]`` rows are decodes (decode_tables [S, W]), the rest prompt chunks
+    (chunk_tables [C, W'], query_lens and context_lens [C]), as the native attention kernels take them.
 
     Raises:
         ValueError: tensors the stack cannot read, or a slot, block id or length out of range.
@@ -452,8 +452,8 @@ def decoder_stack(
         intermediate_size, eps, cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), decode_lens.shape[0],
         decode_tables.data_ptr(), decode_tables.stride(0), decode_tables.shape[1], decode_lens.data_ptr(),
         query_lens.shape[0], chunk_tables.data_ptr(), chunk_tables.stride(0), chunk_tables.shape[1],
-        query_lens.data_ptr(), context_lens.data_ptr(), cache_code, pool.shape[0], block_size, scale, scratch.data_ptr(),
-        torch.get_num_threads(),
+        query_lens.data_ptr(), context_lens.data_ptr(), cache_code, pool.shape[0], block_size, scale,
+        scratch.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if rc == 1:
         raise ValueError(f"a projection's parts, or a {pool.dtype} pool, are not what this build takes")

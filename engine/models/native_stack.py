@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-
-from typing import TYPE_CHECKING
 
 from tokenwire.engine import native
 from tokenwire.engine.attention import AttentionMetadata
@@ -40,8 +40,9 @@ class NativeStack:
                     row += [part.data.data_ptr(), part.ggml_type, part.out_features]
                 row += [0, 0, 0] * (_MAX_PARTS - len(parts))
             rows.append(row + [0, 0])
-        if len(rows[0]) != native.decoder_stack_plan_fields():
-            raise RuntimeError(f"a plan row of {len(rows[0])} fields, the native stack takes {native.decoder_stack_plan_fields()}")
+        fields = native.decoder_stack_plan_fields()
+        if len(rows[0]) != fields:
+            raise RuntimeError(f"a plan row of {len(rows[0])} fields, the native stack takes {fields}")
         # NOTE: the plan holds raw addresses; the stack keeps the layers, and so their weights, alive.
         self.layers = layers
         self.plan = torch.tensor(rows, dtype=torch.int64)
@@ -82,9 +83,12 @@ class NativeStack:
             or (meta.prefills and (meta.prefill_kernel is None or meta.prefill_tables is None))
         ):
             return None
+        cfg = self.config
+        # NOTE: the plan's weights are laid out for the model's shapes; the C code trusts them.
+        if x.dim() != 2 or x.shape[1] != cfg.hidden_size:
+            raise ValueError(f"x {tuple(x.shape)}: need [T, {cfg.hidden_size}]")
         if kv_caches is not self._caches or self.plan[0, _KEY_CACHE] != kv_caches[0][0].data_ptr():
             self._set_caches(kv_caches)
-        cfg = self.config
         cos, sin = rope
         chunks = meta.prefill_tables
         if chunks is None:
@@ -103,13 +107,16 @@ class NativeStack:
 
     def _set_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write the pools' addresses into the plan, once per list of pools (the runner's, made once)."""
-        first = kv_caches[0][0]
-        if len(kv_caches) != self.plan.shape[0] or any(
+        first, cfg = kv_caches[0][0], self.config
+        if len(kv_caches) != self.plan.shape[0] or first.shape[2:] != (cfg.num_kv_heads, cfg.head_dim) or any(
             c.dtype != first.dtype or c.shape != first.shape or not c.is_contiguous() or not c.is_cpu
             for pair in kv_caches
             for c in pair
         ):
-            raise ValueError("need one pair of contiguous CPU pools of one shape and dtype per layer")
+            raise ValueError(
+                f"need one pair of contiguous CPU pools [blocks, block_size, {cfg.num_kv_heads}, {cfg.head_dim}] "
+                "of one shape and dtype per layer"
+            )
         self.plan[:, _KEY_CACHE] = torch.tensor([k.data_ptr() for k, _ in kv_caches])
         self.plan[:, _VALUE_CACHE] = torch.tensor([v.data_ptr() for _, v in kv_caches])
         self._caches = kv_caches

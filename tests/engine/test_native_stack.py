@@ -191,6 +191,11 @@ def test_the_stack_refuses_what_it_cannot_read(llm: LLM) -> None:
     # Pools that do not match the model's layers, or that the kernels do not read.
     with pytest.raises(ValueError, match="one pair"):
         stack.forward(x, rope, caches[:3], _decode_meta([3, 4], [4, 5], [0]))
+    with pytest.raises(ValueError, match="one pair"):
+        narrow_heads = [(k[..., :32].contiguous(), v[..., :32].contiguous()) for k, v in caches]
+        stack.forward(x, rope, narrow_heads, _decode_meta([3, 4], [4, 5], [0]))
+    with pytest.raises(ValueError, match=r"need \[T, 576\]"):
+        stack.forward(torch.randn(2, 64), rope, caches, _decode_meta([3, 4], [4, 5], [0]))
     with pytest.raises(ValueError, match="float16 pool"):
         stack.forward(x, rope, _caches(torch.float64), _decode_meta([3, 4], [4, 5], [0]))
     meta = _decode_meta([3, 4], [4, 5], [0])
