@@ -157,8 +157,8 @@ int tw_decoder_stack(const int64_t* plan, int64_t num_layers, float* x, int64_t 
   for (int64_t c = 0; c < num_chunks; ++c) prompt_rows += query_lens[c];
   if (num_decode < 0 || prompt_rows != T - num_decode) return 2;
   // Scratch rows: h [hidden] (norm outputs), qkv, q (contiguous for attention), attention output,
-  // y [hidden] (the projections back to hidden), gate/up [2 I], act [I], and room for a row of
-  // keys and one of values in a 16-bit cache type.
+  // y [hidden] (the projections back to hidden), gate/up [2 I], act [I], and room for the step's
+  // keys and values in a 16-bit cache type (2 x kv_size 16-bit numbers a row).
   float* h = scratch;
   float* qkv = h + T * hidden;
   float* q = qkv + T * qkv_size;
