@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenwire.engine import hugepages
 from tokenwire.engine.attention import (
     AttentionMetadata,
     PrefillChunk,
@@ -83,7 +84,7 @@ class ModelRunner:
         spec = model.kv_cache_spec
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [
-            (torch.zeros(shape, dtype=cache_dtype, device=device), torch.zeros(shape, dtype=cache_dtype, device=device))
+            (hugepages.zeros(shape, cache_dtype, device), hugepages.zeros(shape, cache_dtype, device))
             for _ in range(spec.num_layers)
         ]
 
