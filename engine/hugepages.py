@@ -24,7 +24,7 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
     written once here, so that all of it is taken now (as torch.zeros takes it) and not at first use.
     """
     count = math.prod(shape)
-    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    nbytes = count * dtype.itemsize
     if device.type != "cpu" or not hasattr(mmap, "MADV_HUGEPAGE") or nbytes < _HUGE_PAGE:
         return torch.zeros(shape, dtype=dtype, device=device)
     # One huge page more than needed, so that the tensor can start on a huge-page boundary; private,
