@@ -187,6 +187,7 @@ def _library() -> ctypes.CDLL | None:
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, i32
+        lib.tw_argmax_rows.argtypes, lib.tw_argmax_rows.restype = [p, i64, i64, i64, p, i32], None
         lib.tw_quant_row_bytes.argtypes, lib.tw_quant_row_bytes.restype = [i32, i64], i64
         lib.tw_quant_packed_bytes.argtypes, lib.tw_quant_packed_bytes.restype = [i32, i64, i64], i64
         lib.tw_decoder_stack_scratch.argtypes, lib.tw_decoder_stack_scratch.restype = [i64] * 5, i64
@@ -527,6 +528,19 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((rows.shape[0], width), dtype=x.dtype)
     lib.tw_silu_and_mul(code, rows.data_ptr(), rows.stride(0), out.data_ptr(), rows.shape[0], width, torch.get_num_threads())
     return out if x.dim() == 2 else out.view(*x.shape[:-1], width)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` of a CPU float32 [rows, cols] tensor: int64 [rows], the same indices.
+
+    The first of equal maxima, or a row's first NaN, as torch picks them.
+    """
+    lib = _loaded_library()
+    if not (x.is_cpu and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] > 0 and x.stride(1) == 1):
+        raise ValueError(f"x {x.dtype} {tuple(x.shape)} strides {x.stride()}: need a CPU float32 [rows, cols >= 1] with unit column stride")
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    lib.tw_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def quant_row_bytes(ggml_type: int, in_features: int) -> int:

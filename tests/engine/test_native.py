@@ -279,3 +279,39 @@ def test_enable_native_ops_switches_each_module_with_a_native_path() -> None:
     assert enable_native_ops(model) == 2
     assert all(m.native_ops for m in model if isinstance(m, RMSNorm))
     assert enable_native_ops(model) == 0
+
+
+def argmax_cases(seed: int) -> list[torch.Tensor]:
+    """Logits with ties, signed zeros, -inf rows and NaNs, of widths around the 8- and 32-wide loops."""
+    gen = torch.Generator().manual_seed(seed)
+    cases = []
+    for width in (1, 7, 8, 9, 31, 32, 33, 100, 257, 49152):
+        x = torch.randint(-3, 3, (6, width), generator=gen).float()  # many ties
+        x[1] = torch.where(torch.rand(width, generator=gen) < 0.5, -0.0, 0.0)  # -0 and +0 are equal
+        x[2] = float("-inf")
+        x[3, torch.rand(width, generator=gen) < 0.1] = float("nan")
+        x[4, -1] = float("nan")  # a NaN in the last place, after the row's maximum
+        x[5] = torch.randn(width, generator=gen)
+        cases.append(x)
+    return cases
+
+
+def test_argmax_gives_the_indices_torch_gives(kernel: native.DecodeKernel) -> None:
+    for x in argmax_cases(11):
+        assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1)), x.shape
+        strided = torch.cat([x, x], dim=1)[:, : x.shape[1]]  # rows a longer stride apart
+        assert torch.equal(native.argmax_rows(strided), x.argmax(dim=-1))
+    with pytest.raises(ValueError, match="float32"):
+        native.argmax_rows(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unit column stride"):
+        native.argmax_rows(torch.randn(8, 2).T)
+
+
+def test_the_portable_argmax_gives_the_same_indices(portable_kernels: ctypes.CDLL) -> None:
+    fn = portable_kernels.tw_argmax_rows
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes, fn.restype = [p, i64, i64, i64, p, ctypes.c_int], None
+    for x in argmax_cases(12):
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        fn(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr(), 2)
+        assert torch.equal(out, x.argmax(dim=-1)), x.shape
