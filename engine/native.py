@@ -182,7 +182,7 @@ def _library() -> ctypes.CDLL | None:
             "tw_quant_pack": [i32, p, i64, i64, i64, p, i32],
             "tw_write_kv": [p, i64, p, i64, p, p, p, i64, i64, i64, i32],
             "tw_decoder_stack": [p, i64, p, i64, i64, i64, i64, i64, i64, f32, p, p, p, i64, p, i64, i64, p, i64, p,
-                                 i64, i64, p, p, i32, i64, i64, f32, p, i32],
+                                 i64, i64, p, p, p, i64, i32, i64, i64, f32, p, i32],
         }
         for name, argtypes in signatures.items():
             fn = getattr(lib, name)
@@ -400,7 +400,8 @@ def decoder_stack(
     intermediate_size: int,
     eps: float,
     scale: float,
-) -> None:
+    output_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Run a float32 LLaMA decoder stack over x [T, hidden] in place (``csrc/decoder_stack.cpp``).
 
     ``plan`` ([layers, ``decoder_stack_plan_fields()``] int64, from ``models.native_stack``, built
@@ -410,13 +411,19 @@ def decoder_stack(
     S = ``decode_lens.shape[0]`` rows are decodes (decode_tables [S, W]), the rest prompt chunks
     (chunk_tables [C, W'], query_lens and context_lens [C]), as the native attention kernels take them.
 
+    Returns x, or with ``output_rows`` (int64 [N], ascending rows of x) x[:N]: the hidden states of
+    those rows alone, for which the last layer runs its attention and MLP on them only (every
+    row's keys and values are still written). They are the bits the whole batch gives them.
+
     Raises:
-        ValueError: tensors the stack cannot read, or a slot, block id or length out of range.
+        ValueError: tensors the stack cannot read, a slot, block id or length out of range, or
+            output rows that are not ascending rows of x.
     """
     lib = _loaded_library()
     num_tokens, hidden = x.shape
     _, block_size, h_kv, d = pool.shape
-    ints = (slot_mapping, decode_tables, decode_lens, chunk_tables, query_lens, context_lens)
+    outputs = output_rows if output_rows is not None else slot_mapping.new_empty(0)
+    ints = (slot_mapping, decode_tables, decode_lens, chunk_tables, query_lens, context_lens, outputs)
     cache_code = _CACHE_DTYPE_CODES.get(pool.dtype)
     if not (
         x.dtype == cos.dtype == sin.dtype == torch.float32
@@ -433,6 +440,7 @@ def decoder_stack(
         and plan.shape[1] == lib.tw_decoder_stack_plan_fields()
         and all(t.dtype == torch.int64 and t.is_cpu and t.is_contiguous() for t in ints)
         and slot_mapping.shape == (num_tokens,)
+        and outputs.dim() == 1
         and decode_tables.dim() == chunk_tables.dim() == 2
         and decode_lens.shape == decode_tables.shape[:1]
         and query_lens.shape == context_lens.shape == chunk_tables.shape[:1]
@@ -453,15 +461,18 @@ def decoder_stack(
         intermediate_size, eps, cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), decode_lens.shape[0],
         decode_tables.data_ptr(), decode_tables.stride(0), decode_tables.shape[1], decode_lens.data_ptr(),
         query_lens.shape[0], chunk_tables.data_ptr(), chunk_tables.stride(0), chunk_tables.shape[1],
-        query_lens.data_ptr(), context_lens.data_ptr(), cache_code, pool.shape[0], block_size, scale,
+        query_lens.data_ptr(), context_lens.data_ptr(), outputs.data_ptr(),
+        -1 if output_rows is None else outputs.shape[0], cache_code, pool.shape[0], block_size, scale,
         scratch.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if rc == 1:
         raise ValueError(f"a projection's parts, or a {pool.dtype} pool, are not what this build takes")
     if rc != 0:
         raise ValueError(
-            "a slot, block id or length is out of range, or the query lengths do not add up to the prompt rows"
+            "a slot, block id or length is out of range, the query lengths do not add up to the prompt rows, "
+            "or the output rows are not ascending rows of x"
         )
+    return x if output_rows is None else x[: outputs.shape[0]]
 
 
 def _kv_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

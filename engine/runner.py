@@ -182,15 +182,17 @@ class ModelRunner:
                 else None
             ),
         )
+        # NOTE: only the rows that sample are wanted past the last layer's KV write: for a
+        # 256-token prompt chunk, 1 row of the last layer's attention and MLP and of the LM head's
+        # [vocab x d_model] work instead of 256.
         hidden = self.model.forward_flat(
             torch.tensor(input_ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
             self.kv_caches,
             meta,
+            output_rows=torch.tensor(sample_idx, dtype=torch.long, device=dev),
         )
         if not sampled:
             return RunnerOutput(sampled=[], logits=hidden.new_zeros((0, self.model.vocab_size), dtype=torch.float32))
-        # NOTE: the LM head runs only on the rows that sample: for a 256-token prompt chunk that
-        # is 1 row of [vocab x d_model] work instead of 256.
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=dev)])
+        logits = self.model.compute_logits(hidden)
         return RunnerOutput(sampled=sampled, logits=logits.float())

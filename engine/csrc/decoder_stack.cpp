@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "common.h"
 
@@ -125,50 +126,54 @@ void add_into(float* x, const float* y, int64_t n, int num_threads) {
   for (int64_t i = 0; i < n; ++i) x[i] += y[i];
 }
 
-}  // namespace
+// The rows a layer's attention and MLP run over: the first num_decode are single-token decodes,
+// the rest prompt chunks, as tw_decoder_stack takes them.
+struct Rows {
+  int64_t count, num_decode;
+  const int64_t* decode_tables;
+  int64_t decode_stride, decode_width;
+  const int64_t* decode_lens;
+  int64_t num_chunks;
+  const int64_t* chunk_tables;
+  int64_t chunk_stride, chunk_width;
+  const int64_t* query_lens;
+  const int64_t* context_lens;
+};
 
-extern "C" {
+// The model's shapes and the step's buffers (scratch laid out for `capacity` rows).
+struct Stack {
+  int64_t hidden, num_heads, num_kv_heads, D, intermediate, q_size, kv_size, qkv_size;
+  float eps, scale;
+  int cache_dtype;
+  int64_t num_blocks, block_size;
+  int num_threads;
+  float *h, *qkv, *q, *attn, *y, *gate_up, *act;
+  uint16_t* narrow;
 
-// int64 fields per layer of tw_decoder_stack's plan.
-int64_t tw_decoder_stack_plan_fields() { return kPlanFields; }
+  Stack(int64_t hidden_, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t inter, float eps_, float scale_,
+        int cache_dtype_, int64_t num_blocks_, int64_t block_size_, int threads, float* scratch, int64_t capacity)
+      : hidden(hidden_), num_heads(heads), num_kv_heads(kv_heads), D(head_dim), intermediate(inter),
+        q_size(heads * head_dim), kv_size(kv_heads * head_dim), qkv_size(q_size + 2 * kv_size), eps(eps_),
+        scale(scale_), cache_dtype(cache_dtype_), num_blocks(num_blocks_), block_size(block_size_),
+        num_threads(threads) {
+    // Scratch rows: h [hidden] (norm outputs), qkv, q (contiguous for attention), attention
+    // output, y [hidden] (the projections back to hidden), gate/up [2 I], act [I], and room for the
+    // step's keys and values in a 16-bit cache type (2 x kv_size 16-bit numbers a row).
+    const int64_t T = capacity;
+    h = scratch;
+    qkv = h + T * hidden;
+    q = qkv + T * qkv_size;
+    attn = q + T * q_size;
+    y = attn + T * q_size;
+    gate_up = y + T * hidden;
+    act = gate_up + T * 2 * intermediate;
+    narrow = reinterpret_cast<uint16_t*>(act + T * intermediate);
+  }
 
-// Floats of scratch tw_decoder_stack needs per row of the batch.
-int64_t tw_decoder_stack_scratch(int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                                 int64_t intermediate) {
-  const int64_t q_size = num_heads * head_dim, qkv = (num_heads + 2 * num_kv_heads) * head_dim;
-  return 2 * hidden + qkv + 2 * q_size + 3 * intermediate + num_kv_heads * head_dim;
-}
-
-// Runs num_layers layers over x in place. Returns 0; 1 for a projection whose parts the matmul
-// does not take (a type, or columns that do not add up) or a cache type this build does not
-// write; 2 for a slot, block id or length out of range, or query lengths that do not add up to the
-// prompt rows (each checked before it is read through).
-int tw_decoder_stack(const int64_t* plan, int64_t num_layers, float* x, int64_t num_tokens, int64_t hidden,
-                     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate, float eps,
-                     const float* cos, const float* sin, const int64_t* slots, int64_t num_decode,
-                     const int64_t* decode_tables, int64_t decode_stride, int64_t decode_width,
-                     const int64_t* decode_lens, int64_t num_chunks, const int64_t* chunk_tables,
-                     int64_t chunk_stride, int64_t chunk_width, const int64_t* query_lens,
-                     const int64_t* context_lens, int cache_dtype, int64_t num_blocks, int64_t block_size,
-                     float scale, float* scratch, int num_threads) {
-  const int64_t T = num_tokens, D = head_dim;
-  const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D, qkv_size = q_size + 2 * kv_size;
-  int64_t prompt_rows = 0;
-  for (int64_t c = 0; c < num_chunks; ++c) prompt_rows += query_lens[c];
-  if (num_decode < 0 || prompt_rows != T - num_decode) return 2;
-  // Scratch rows: h [hidden] (norm outputs), qkv, q (contiguous for attention), attention output,
-  // y [hidden] (the projections back to hidden), gate/up [2 I], act [I], and room for the step's
-  // keys and values in a 16-bit cache type (2 x kv_size 16-bit numbers a row).
-  float* h = scratch;
-  float* qkv = h + T * hidden;
-  float* q = qkv + T * qkv_size;
-  float* attn = q + T * q_size;
-  float* y = attn + T * q_size;
-  float* gate_up = y + T * hidden;
-  float* act = gate_up + T * 2 * intermediate;
-  uint16_t* narrow = reinterpret_cast<uint16_t*>(act + T * intermediate);
-  for (int64_t l = 0; l < num_layers; ++l) {
-    const int64_t* layer = plan + l * kPlanFields;
+  // A layer's first half over T rows of x: RMSNorm, the q/k/v projection (into qkv), RoPE and the
+  // KV write. 0, or tw_decoder_stack's error codes.
+  int keys_and_values(const int64_t* layer, const float* x, int64_t T, const float* cos, const float* sin,
+                      const int64_t* slots) const {
     tw_rms_norm(tw::kFloat32, x, hidden, field<const float>(layer, kInputNorm), h, hidden, T, hidden, eps,
                 num_threads);
     if (project(layer + kQKV, h, T, hidden, qkv, qkv_size, num_threads) != 0) return 1;
@@ -186,18 +191,27 @@ int tw_decoder_stack(const int64_t* plan, int64_t num_layers, float* x, int64_t 
       rc = tw_write_kv(narrow, kv_size * 2, narrow + T * kv_size, kv_size * 2, k_cache, v_cache, slots, T,
                        num_blocks * block_size, kv_size * 2, num_threads);
     }
-    if (rc != 0) return 2;
+    return rc == 0 ? 0 : 2;
+  }
+
+  // The rest of the layer over `rows` (their queries in qkv, their residual stream in x): paged
+  // attention (decode rows, then prompt chunks), the output projection and the residual add; then
+  // RMSNorm, the fused gate/up projection, SiLU-and-multiply, the down projection and the add.
+  int attention_and_mlp(const int64_t* layer, float* x, const Rows& rows) const {
+    const int64_t T = rows.count;
+    void* k_cache = field<void>(layer, kKeyCache);
+    void* v_cache = field<void>(layer, kValueCache);
     for (int64_t t = 0; t < T; ++t) std::memcpy(q + t * q_size, qkv + t * qkv_size, sizeof(float) * q_size);
-    if (num_decode > 0 &&
-        tw_paged_decode_attention(tw::kFloat32, cache_dtype, q, k_cache, v_cache, num_blocks, decode_tables,
-                                  decode_stride, decode_width, decode_lens, attn, num_decode, num_heads,
-                                  num_kv_heads, D, block_size, scale, num_threads) != 0)
+    if (rows.num_decode > 0 &&
+        tw_paged_decode_attention(tw::kFloat32, cache_dtype, q, k_cache, v_cache, num_blocks, rows.decode_tables,
+                                  rows.decode_stride, rows.decode_width, rows.decode_lens, attn, rows.num_decode,
+                                  num_heads, num_kv_heads, D, block_size, scale, num_threads) != 0)
       return 2;
-    if (num_chunks > 0 &&
-        tw_paged_prefill_attention(tw::kFloat32, cache_dtype, q + num_decode * q_size, k_cache, v_cache,
-                                   num_blocks, chunk_tables, chunk_stride, chunk_width, query_lens, context_lens,
-                                   attn + num_decode * q_size, num_chunks, num_heads, num_kv_heads, D, block_size,
-                                   scale, num_threads) != 0)
+    if (rows.num_chunks > 0 &&
+        tw_paged_prefill_attention(tw::kFloat32, cache_dtype, q + rows.num_decode * q_size, k_cache, v_cache,
+                                   num_blocks, rows.chunk_tables, rows.chunk_stride, rows.chunk_width,
+                                   rows.query_lens, rows.context_lens, attn + rows.num_decode * q_size,
+                                   rows.num_chunks, num_heads, num_kv_heads, D, block_size, scale, num_threads) != 0)
       return 2;
     if (project(layer + kOut, attn, T, q_size, y, hidden, num_threads) != 0) return 1;
     add_into(x, y, T * hidden, num_threads);
@@ -207,6 +221,106 @@ int tw_decoder_stack(const int64_t* plan, int64_t num_layers, float* x, int64_t 
     tw_silu_and_mul(tw::kFloat32, gate_up, 2 * intermediate, act, T, intermediate, num_threads);
     if (project(layer + kDown, act, T, intermediate, y, hidden, num_threads) != 0) return 1;
     add_into(x, y, T * hidden, num_threads);
+    return 0;
+  }
+};
+
+// Whether out_rows[0..num_out) are ascending, distinct rows of a batch of `count`.
+bool ascending_rows(const int64_t* out_rows, int64_t num_out, int64_t count) {
+  for (int64_t j = 0; j < num_out; ++j)
+    if (out_rows[j] < 0 || out_rows[j] >= count || (j > 0 && out_rows[j] <= out_rows[j - 1])) return false;
+  return true;
+}
+
+// Rows out_rows (ascending_rows) of x and qkv moved to the front, in order, and the Rows they
+// make: a decode row keeps its table and length; a prompt row becomes a chunk of one query at its
+// position, which the prompt kernel gives the same bits as in its whole chunk
+// (csrc/prefill_attention.cpp), as the row-wise matmuls and norms give theirs. Tables and lengths
+// go into `ints`.
+Rows gather_rows(const Rows& rows, const int64_t* out_rows, int64_t num_out, float* x, int64_t hidden, float* qkv,
+                 int64_t qkv_size, std::vector<int64_t>& ints) {
+  int64_t num_decode = 0;
+  for (int64_t j = 0; j < num_out; ++j) num_decode += out_rows[j] < rows.num_decode;
+  const int64_t num_chunks = num_out - num_decode;
+  const int64_t dw = rows.decode_width, cw = rows.chunk_width;
+  ints.assign(static_cast<size_t>(num_decode * (dw + 1) + num_chunks * (cw + 2)), 0);
+  int64_t* decode_tables = ints.data();
+  int64_t* decode_lens = decode_tables + num_decode * dw;
+  int64_t* chunk_tables = decode_lens + num_decode;
+  int64_t* query_lens = chunk_tables + num_chunks * cw;
+  int64_t* context_lens = query_lens + num_chunks;
+  int64_t c = 0, chunk_start = rows.num_decode;  // the chunk holding the current prompt row, its first row
+  for (int64_t j = 0; j < num_out; ++j) {
+    const int64_t r = out_rows[j];
+    if (r != j) {  // r > j: row j has been moved already or is not an output
+      std::memcpy(x + j * hidden, x + r * hidden, sizeof(float) * hidden);
+      std::memcpy(qkv + j * qkv_size, qkv + r * qkv_size, sizeof(float) * qkv_size);
+    }
+    if (j < num_decode) {
+      std::memcpy(decode_tables + j * dw, rows.decode_tables + r * rows.decode_stride, sizeof(int64_t) * dw);
+      decode_lens[j] = rows.decode_lens[r];
+      continue;
+    }
+    while (r >= chunk_start + rows.query_lens[c]) chunk_start += rows.query_lens[c++];
+    const int64_t i = j - num_decode;
+    std::memcpy(chunk_tables + i * cw, rows.chunk_tables + c * rows.chunk_stride, sizeof(int64_t) * cw);
+    query_lens[i] = 1;
+    context_lens[i] = rows.context_lens[c] - rows.query_lens[c] + (r - chunk_start) + 1;
+  }
+  return Rows{num_out,    num_decode,   decode_tables, dw, dw, decode_lens,
+              num_chunks, chunk_tables, cw,            cw, query_lens, context_lens};
+}
+
+}  // namespace
+
+extern "C" {
+
+// int64 fields per layer of tw_decoder_stack's plan.
+int64_t tw_decoder_stack_plan_fields() { return kPlanFields; }
+
+// Floats of scratch tw_decoder_stack needs per row of the batch.
+int64_t tw_decoder_stack_scratch(int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                 int64_t intermediate) {
+  const int64_t q_size = num_heads * head_dim, qkv = (num_heads + 2 * num_kv_heads) * head_dim;
+  return 2 * hidden + qkv + 2 * q_size + 3 * intermediate + num_kv_heads * head_dim;
+}
+
+// Runs num_layers layers over x. With num_out < 0, every row's hidden state, in place. Otherwise
+// only those of rows out_rows[0..num_out) (ascending) are wanted: the last layer writes every row's
+// keys and values, then runs its attention and MLP on those rows alone, left in x[0..num_out) (the
+// other rows' work there feeds nothing: in a prompt chunk only the last row is sampled). Returns 0;
+// 1 for a projection whose parts the matmul does not take (a type, or columns that do not add up)
+// or a cache type this build does not write; 2 for a slot, block id or length out of range, query
+// lengths that do not add up to the prompt rows, or output rows that are not ascending rows of the
+// batch (each checked before it is read through).
+int tw_decoder_stack(const int64_t* plan, int64_t num_layers, float* x, int64_t num_tokens, int64_t hidden,
+                     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate, float eps,
+                     const float* cos, const float* sin, const int64_t* slots, int64_t num_decode,
+                     const int64_t* decode_tables, int64_t decode_stride, int64_t decode_width,
+                     const int64_t* decode_lens, int64_t num_chunks, const int64_t* chunk_tables,
+                     int64_t chunk_stride, int64_t chunk_width, const int64_t* query_lens,
+                     const int64_t* context_lens, const int64_t* out_rows, int64_t num_out, int cache_dtype,
+                     int64_t num_blocks, int64_t block_size, float scale, float* scratch, int num_threads) {
+  const int64_t T = num_tokens;
+  int64_t prompt_rows = 0;
+  for (int64_t c = 0; c < num_chunks; ++c) prompt_rows += query_lens[c];
+  if (num_decode < 0 || prompt_rows != T - num_decode || !ascending_rows(out_rows, num_out, T)) return 2;
+  const Stack stack(hidden, num_heads, num_kv_heads, head_dim, intermediate, eps, scale, cache_dtype, num_blocks,
+                    block_size, num_threads, scratch, T);
+  const Rows all{T,          num_decode,   decode_tables, decode_stride, decode_width, decode_lens,
+                 num_chunks, chunk_tables, chunk_stride,  chunk_width,   query_lens,   context_lens};
+  for (int64_t l = 0; l < num_layers; ++l) {
+    const int64_t* layer = plan + l * kPlanFields;
+    int rc = stack.keys_and_values(layer, x, T, cos, sin, slots);
+    if (rc != 0) return rc;
+    if (l + 1 < num_layers || num_out < 0 || num_out == T) {
+      rc = stack.attention_and_mlp(layer, x, all);
+    } else {
+      std::vector<int64_t> ints;
+      const Rows wanted = gather_rows(all, out_rows, num_out, x, hidden, stack.qkv, stack.qkv_size, ints);
+      rc = num_out == 0 ? 0 : stack.attention_and_mlp(layer, x, wanted);
+    }
+    if (rc != 0) return rc;
   }
   return 0;
 }

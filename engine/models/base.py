@@ -49,8 +49,11 @@ class EngineModel(Protocol):
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        output_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run a flat batch. input_ids, positions: [T]; returns hidden states [T, d_model]."""
+        """Run a flat batch. input_ids, positions: [T]; returns hidden states [T, d_model], or with
+        ``output_rows`` (int64 [N], ascending) those rows' alone, [N, d_model]: a model may then
+        skip the last layer's work past its KV write for the other rows."""
         ...
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

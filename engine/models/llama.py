@@ -270,6 +270,7 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        output_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run a flat batch through the paged KV cache.
 
@@ -278,21 +279,26 @@ class LlamaForCausalLM(nn.Module):
             positions: [T] position of each token in its sequence.
             kv_caches: one (k_cache, v_cache) pair per layer, each [num_blocks, block_size, H_kv, D].
             meta: the batch's attention metadata.
+            output_rows: int64 [N] ascending rows whose hidden states the caller reads (by default
+                all). The native stack then runs the last layer's attention and MLP on those rows
+                alone: a prompt chunk's other rows only need their keys and values.
 
         Returns:
-            [T, hidden] hidden states before the final norm (``compute_logits`` applies it, so that
-            only the rows that are sampled pay for it).
+            [T, hidden] hidden states before the final norm, or [N, hidden] for ``output_rows``
+            (``compute_logits`` applies the norm, so that only the rows that are sampled pay for it).
         """
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"kv_caches has {len(kv_caches)} layers, the model has {len(self.layers)}")
         x = self.embed_tokens(input_ids)  # [T, hidden]
         rope = self.rotary.tables(positions)  # NOTE: looked up once, not once per layer.
         stack = self._stack() if self.native_ops else None
-        if stack is not None and stack.forward(x, rope, kv_caches, meta) is not None:
-            return x
+        if stack is not None:
+            hidden = stack.forward(x, rope, kv_caches, meta, output_rows)
+            if hidden is not None:
+                return hidden
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer.forward_flat(x, kv_cache, meta, rope)
-        return x
+        return x if output_rows is None else x[output_rows]
 
     def _stack(self) -> NativeStack | None:
         """The layers as one native call, or None where a part of them has no native form.

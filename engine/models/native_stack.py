@@ -72,10 +72,12 @@ class NativeStack:
         rope: tuple[torch.Tensor, torch.Tensor],
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        output_rows: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """Run every layer over x [T, hidden] (updated in place and returned); None, with nothing
-        run, where the step needs a path the native stack does not take (a padded prompt batch,
-        attention without the native kernels)."""
+        """Run every layer over x [T, hidden] (updated in place) and return it, or with
+        ``output_rows`` the hidden states of those rows alone (``native.decoder_stack``); None,
+        with nothing run, where the step needs a path the native stack does not take (a padded
+        prompt batch, attention without the native kernels)."""
         if (
             meta.kv_writer is None
             or meta.prefill_batch is not None
@@ -96,14 +98,13 @@ class NativeStack:
             chunk_tables, query_lens, context_lens = none.view(0, 1), none, none
         else:
             chunk_tables, query_lens, context_lens = chunks.block_tables, chunks.query_lens, chunks.context_lens
-        native.decoder_stack(
+        return native.decoder_stack(
             self.plan, x, cos.squeeze(-2), sin.squeeze(-2), meta.slot_mapping, kv_caches[0][0],
             meta.decode_block_tables[: meta.num_decode_tokens], meta.decode_context_lens,
             chunk_tables, query_lens, context_lens,
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size,
-            eps=cfg.rms_norm_eps, scale=cfg.head_dim**-0.5,
+            eps=cfg.rms_norm_eps, scale=cfg.head_dim**-0.5, output_rows=output_rows,
         )  # fmt: skip
-        return x
 
     def _set_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write the pools' addresses into the plan, once per list of pools (the runner's, made once)."""

@@ -456,6 +456,7 @@ class ProductionTransformer(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        output_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run a flat batch through the paged KV cache.
 
@@ -464,16 +465,18 @@ class ProductionTransformer(nn.Module):
             positions: [T] each token's position in its own sequence.
             kv_caches: per layer (k_pool, v_pool), each [num_blocks, block_size, num_heads, head_dim].
             meta: the step's attention metadata.
+            output_rows: int64 [N] ascending rows whose hidden states the caller reads (by default all).
 
         Returns:
-            [T, d_model] hidden states before the final norm (``compute_logits`` applies it).
+            [T, d_model] hidden states before the final norm (``compute_logits`` applies it), or
+            [N, d_model] for ``output_rows``.
         """
         if len(kv_caches) != self.num_layers:
             raise ValueError(f"kv_caches must have one (k, v) pair per layer ({self.num_layers}), got {len(kv_caches)}")
         x = self._embed(input_ids, positions)  # [T, d_model]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer.forward_flat(x, positions, self.rotary, k_cache, v_cache, meta)
-        return x
+        return x if output_rows is None else x[output_rows]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm (if configured) and LM head: [..., d_model] -> [..., vocab] float32."""

@@ -202,3 +202,73 @@ def test_the_stack_refuses_what_it_cannot_read(llm: LLM) -> None:
     object.__setattr__(meta, "slot_mapping", meta.slot_mapping.int())
     with pytest.raises(ValueError, match="int64"):
         stack.forward(x, rope, caches, meta)
+
+
+def _mixed_steps() -> list[tuple[list[int], AttentionMetadata]]:
+    """Two steps over the 4-block pools of ``_caches``: prompts A (20 tokens, blocks 0-1) and B (11,
+    block 2) as chunks; then A's first decode beside B's next 4 tokens and a new prompt C (9, block 3)."""
+    none = torch.zeros((0,), dtype=torch.long)
+
+    def step(positions: list[int], slots: list[int], decodes: list[tuple[list[int], int]],
+             chunks: list[tuple[list[int], int, int]]) -> tuple[list[int], AttentionMetadata]:
+        width = max(len(t) for t, *_ in chunks)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t, *_ in chunks])
+        starts = [len(decodes) + sum(q for _, q, _ in chunks[:i]) for i in range(len(chunks))]
+        return positions, AttentionMetadata(
+            slot_mapping=torch.tensor(slots), num_decode_tokens=len(decodes),
+            decode_block_tables=torch.tensor([t for t, _ in decodes]) if decodes else none.view(0, 1),
+            decode_context_lens=torch.tensor([n for _, n in decodes]) if decodes else none,
+            prefills=[PrefillChunk(s, q, c, torch.tensor(t)) for s, (t, q, c) in zip(starts, chunks)],
+            prefill_tables=PrefillTables(tables, torch.tensor([q for _, q, _ in chunks]), torch.tensor([c for *_, c in chunks])),
+            decode_kernel=native.paged_decode_attention, prefill_kernel=native.paged_prefill_attention,
+            kv_writer=native.write_kv,
+        )  # fmt: skip
+
+    first = step(list(range(20)) + list(range(11)), list(range(20)) + list(range(32, 43)), [],
+                 [([0, 1], 20, 20), ([2], 11, 11)])  # fmt: skip
+    second = step([20] + list(range(11, 15)) + list(range(9)), [20] + list(range(43, 47)) + list(range(48, 57)),
+                  [([0, 1], 21)], [([2], 4, 15), ([3], 9, 9)])  # fmt: skip
+    return [first, second]
+
+
+def test_output_rows_get_the_bits_of_the_whole_batch_and_every_row_its_keys_and_values(llm: LLM) -> None:
+    model = llm.core.runner.model
+    stack = model._stack()
+    assert stack is not None
+    ids = torch.randint(0, 49152, (31,), generator=torch.Generator().manual_seed(4))
+    steps = _mixed_steps()
+
+    def run(wanted: list[list[int] | None]) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+        caches, hidden = _caches(), []
+        for (positions, meta), rows in zip(steps, wanted):
+            x = model.embed_tokens(ids[: len(positions)])
+            rope = model.rotary.tables(torch.tensor(positions))
+            out_rows = None if rows is None else torch.tensor(rows, dtype=torch.long)
+            with torch.inference_mode():
+                hidden.append(stack.forward(x, rope, caches, meta, out_rows).clone())
+        return hidden, caches
+
+    full, full_caches = run([None, None])
+    # The chunks' last rows, then the decode, a middle row of B's chunk (its own position) and C's last.
+    wanted = [[19, 30], [0, 2, 4, 13]]
+    hidden, caches = run(wanted)
+    for h, f, rows in zip(hidden, full, wanted):
+        assert torch.equal(h, f[rows])
+    assert all(torch.equal(a, b) for pair, full_pair in zip(caches, full_caches) for a, b in zip(pair, full_pair))
+    # No output rows: the keys and values alone.
+    hidden, caches = run([[], []])
+    assert [h.shape[0] for h in hidden] == [0, 0]
+    assert all(torch.equal(a, b) for pair, full_pair in zip(caches, full_caches) for a, b in zip(pair, full_pair))
+
+
+def test_output_rows_must_be_ascending_rows_of_the_batch(llm: LLM) -> None:
+    model = llm.core.runner.model
+    stack = model._stack()
+    assert stack is not None
+    positions, meta = _mixed_steps()[0]
+    rope = model.rotary.tables(torch.tensor(positions))
+    for rows in ([30, 19], [19, 19], [31], [-1]):
+        caches = _caches()
+        with pytest.raises(ValueError, match="ascending rows"):
+            stack.forward(torch.randn(31, 576), rope, caches, meta, torch.tensor(rows))
+        assert not any(c.any() for pair in caches for c in pair), "refused before anything is written"
