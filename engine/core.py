@@ -13,7 +13,7 @@ from tokenwire.engine.detokenizer import IncrementalDetokenizer
 from tokenwire.engine.errors import DuplicateRequestError, InvalidRequestError, PromptTooLongError, QueueFullError
 from tokenwire.engine.info import EngineStats, ModelInfo
 from tokenwire.engine.loader import LoadedModel
-from tokenwire.engine.models.gguf_linear import block_rows_limit, use_gguf_blocks
+from tokenwire.engine.models.gguf_linear import block_rows_limit, float_weight_parts, use_gguf_blocks
 from tokenwire.engine.models.layers import enable_native_ops
 from tokenwire.engine.models.packed_linear import can_prepack, prepack_linears
 from tokenwire.engine.outputs import FinishReason, RequestOutput, TokenLogprob
@@ -43,6 +43,9 @@ class EngineCore:
         if native_ops and loaded.dtype == torch.float32:
             # NOTE: before prepacking, so that a layer the blocks serve alone is never packed.
             use_gguf_blocks(model, gguf_blocks, block_rows_limit())
+            # The layers that came dense (a Hugging Face folder, a float GGUF tensor): their values,
+            # packed for the same kernel, so that the whole stack runs natively.
+            use_gguf_blocks(model, float_weight_parts(model), block_rows_limit())
         if args.prepack_weights and can_prepack(loaded.dtype, loaded.device):
             # NOTE: in place: the engine owns the loaded model from here on.
             prepack_linears(model)

@@ -558,17 +558,19 @@ def quant_row_bytes(ggml_type: int, in_features: int) -> int:
     """Bytes of a row of ``in_features`` weights of a GGUF type ``quant_linear`` takes, else 0.
 
     0 also when ``in_features`` is not a whole number of the type's blocks (32 weights; 256 for
-    the K-quants). The types are ggml's ids (``GGUF_KERNEL_TYPES``).
+    the K-quants). The types are ggml's ids: ``GGUF_KERNEL_TYPES``, and the float types F32, F16
+    and BF16 (0, 1, 30; rows of plain values, taken 32 at a time).
     """
     return int(_loaded_library().tw_quant_row_bytes(ggml_type, in_features))
 
 
 class PackedWeight:
-    """A GGUF block-quantized [out_features, in_features] weight, repacked for ``quant_linear``.
+    """A GGUF block-quantized (or float) [out_features, in_features] weight, repacked for ``quant_linear``.
 
     The output features in panels of 16, each 32 consecutive inputs with one float32 scale and
-    offset per feature and the quants input-major (``csrc/quant_linear.cpp`` has the layout), so
-    that the kernel unpacks eight features at one input into a vector.
+    offset per feature and the quants input-major (float types: the values alone, input-major;
+    ``csrc/quant_linear.cpp`` has the layout), so that the kernel unpacks eight features at one
+    input into a vector.
     """
 
     __slots__ = ("ggml_type", "in_features", "out_features", "data")

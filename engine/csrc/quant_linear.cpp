@@ -1,5 +1,7 @@
 // y = x @ W.T for float32 activations and a GGUF block-quantized weight (Q4_0, Q4_1, Q8_0, Q4_K,
-// Q5_K, Q6_K), repacked once at load into panels that are dequantized on the fly. Decoding reads
+// Q5_K, Q6_K), repacked once at load into panels that are dequantized on the fly; or a plain
+// float weight (F32, F16, BF16: a dense checkpoint's, in the narrowest of them that holds it
+// exactly), in the same panels without scales, widened on the fly. Decoding reads
 // every weight once per step for a handful of rows, so the step is bound by reading and unpacking
 // weights: a packed Q4_1 weight is 6 bits instead of float32's 32 (Q8_0, Q5_K: 10; Q6_K: 12).
 //
@@ -9,7 +11,8 @@
 //   float scale[16], float offset[16], then the quants k-major: for each of the G k, the 16
 //   features' quants (4-bit types: 8 bytes, byte j = (feature j) | (feature j + 8) << 4; Q8_0,
 //   Q5_K and Q6_K: 16 int8).
-// Weight (n, k) is fma(scale[n], q, offset[n]) for its group. k-major quants let a vector hold
+// Float weights: each group is just the G k's 16 values (float32, float16 or bfloat16), widened
+// exactly. Weight (n, k) of a quantized type is fma(scale[n], q, offset[n]) for its group. k-major quants let a vector hold
 // eight features at one k, so a row of x is a broadcast and each product goes straight into an
 // output's accumulator: no horizontal sums, and any number of rows of x share one unpacking.
 //
@@ -47,6 +50,9 @@
 namespace {
 
 // ggml's type ids, as GGUF files and gguf.GGMLQuantizationType number them.
+constexpr int kF32 = 0;
+constexpr int kF16 = 1;
+constexpr int kBF16 = 30;
 constexpr int kQ4_0 = 2;
 constexpr int kQ4_1 = 3;
 constexpr int kQ8_0 = 8;
@@ -58,6 +64,7 @@ constexpr int kPanel = 16;
 // Consecutive k that share one scale and offset per feature: 32, or 16 for Q6_K.
 constexpr int kMaxGroup = 32;
 
+// NOTE: float weights have no blocks; they take K in runs of 32, as a group of the panels.
 constexpr int64_t block_elems(int type) { return type == kQ4_K || type == kQ5_K || type == kQ6_K ? 256 : 32; }
 
 constexpr int64_t block_bytes(int type) {
@@ -68,16 +75,40 @@ constexpr int64_t block_bytes(int type) {
     case kQ4_K: return 144;  // float16 d, dmin, 12 bytes of 6-bit scales and mins, 128 of nibbles
     case kQ5_K: return 176;  // as Q4_K, with 32 bytes of fifth bits between the scales and the nibbles
     case kQ6_K: return 210;  // 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, float16 d
+    case kF32: return 128;   // 32 float32
+    case kF16: return 64;    // 32 float16
+    case kBF16: return 64;   // 32 bfloat16
     default: return 0;
   }
 }
 
+// A panel's storage format, the kernels' template parameter: quants of 4 or 8 bits with a float32
+// scale and offset per feature and group, or plain float32, float16 or bfloat16 values.
+constexpr int kNibbles = 4;
+constexpr int kInt8 = 8;
+constexpr int kFloat32s = 32;
+constexpr int kFloat16s = 16;
+constexpr int kBFloat16s = 17;
+constexpr bool is_float_format(int fmt) { return fmt >= kFloat16s; }
+
 // NOTE: Q5_K's and Q6_K's quants (0-31, 0-63) take the 8-bit form, which unpacks as Q8_0's does
 // (one widening per eight weights); their split high bits are put together once, at load.
-constexpr int quant_bits(int type) { return type == kQ4_0 || type == kQ4_1 || type == kQ4_K ? 4 : 8; }
+constexpr int quant_format(int type) {
+  switch (type) {
+    case kQ4_0: case kQ4_1: case kQ4_K: return kNibbles;
+    case kF32: return kFloat32s;
+    case kF16: return kFloat16s;
+    case kBF16: return kBFloat16s;
+    default: return kInt8;
+  }
+}
 constexpr int group_size(int type) { return type == kQ6_K ? 16 : 32; }
-// Bytes of one group of a panel: scales, offsets, quants.
-constexpr int64_t group_bytes(int bits, int group) { return 2 * kPanel * 4 + group * kPanel * bits / 8; }
+// Bytes of one group of a panel: scales, offsets and quants; or the float values alone.
+constexpr int64_t group_bytes(int fmt, int group) {
+  return fmt == kFloat32s ? group * kPanel * 4
+         : is_float_format(fmt) ? group * kPanel * 2
+                                : 2 * kPanel * 4 + group * kPanel * fmt / 8;
+}
 
 // Q4_K's 6-bit scale and min of sub-block j (0-7), packed in 12 bytes as ggml packs them.
 inline void q4k_scale_min(const uint8_t* sc, int j, int& scale, int& min) {
@@ -142,16 +173,43 @@ void read_group(int type, const uint8_t* row, int64_t g, float& scale, float& of
   }
 }
 
+// Value i of a float format's group (or GGUF row), as float32: exact for each format.
+template <int Fmt>
+inline float float_weight(const uint8_t* values, int64_t i) {
+  if constexpr (Fmt == kFloat32s) {
+    float f;
+    std::memcpy(&f, values + 4 * i, 4);
+    return f;
+  } else {
+    uint16_t h;
+    std::memcpy(&h, values + 2 * i, 2);
+    return Fmt == kFloat16s ? tw::half_to_float(h) : tw::to_float(h);
+  }
+}
+
 #ifdef TW_AVX2
 // One group of a panel: its features' scales and offsets in registers, and its quants.
-template <int Bits>
+template <int Fmt>
 struct Group {
   __m256 s0, s1, o0, o1;
   const uint8_t* quants;
 
   // Features 0-7 and 8-15 at the group's k index kk.
   inline void unpack(int64_t kk, __m256& w0, __m256& w1) const {
-    if constexpr (Bits == 4) {
+    if constexpr (Fmt == kFloat32s) {
+      const float* w = reinterpret_cast<const float*>(quants) + kPanel * kk;
+      w0 = _mm256_loadu_ps(w);
+      w1 = _mm256_loadu_ps(w + 8);
+    } else if constexpr (is_float_format(Fmt)) {
+      const __m128i* w = reinterpret_cast<const __m128i*>(quants + 2 * kPanel * kk);
+      if constexpr (Fmt == kFloat16s) {
+        w0 = _mm256_cvtph_ps(_mm_loadu_si128(w));
+        w1 = _mm256_cvtph_ps(_mm_loadu_si128(w + 1));
+      } else {  // bfloat16: the high half of a float32
+        w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(w)), 16));
+        w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(w + 1)), 16));
+      }
+    } else if constexpr (Fmt == kNibbles) {
       const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(quants + 8 * kk));
       const __m128i low4 = _mm_set1_epi8(0x0F);
       const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
@@ -165,9 +223,13 @@ struct Group {
   }
 };
 
-template <int Bits, int G>
-inline Group<Bits> load_group(const uint8_t* panel, int64_t g) {
-  const uint8_t* group = panel + g * group_bytes(Bits, G);
+template <int Fmt, int G>
+inline Group<Fmt> load_group(const uint8_t* panel, int64_t g) {
+  const uint8_t* group = panel + g * group_bytes(Fmt, G);
+  if constexpr (is_float_format(Fmt)) {
+    const __m256 unused = _mm256_setzero_ps();
+    return {unused, unused, unused, unused, group};
+  }
   const float* so = reinterpret_cast<const float*>(group);
   return {_mm256_loadu_ps(so), _mm256_loadu_ps(so + 8), _mm256_loadu_ps(so + 16), _mm256_loadu_ps(so + 24),
           group + 2 * kPanel * 4};
@@ -203,12 +265,12 @@ inline Group<Bits> load_group(const uint8_t* panel, int64_t g) {
 
 // out[MR rows, 16] = x[MR rows] @ panel, unpacking each weight in registers and using it at once:
 // for a few rows of x, storing the unpacked panel and reading it back costs more than it saves.
-template <int Bits, int G, int MR>
+template <int Fmt, int G, int MR>
 void panel_direct(const float* x, int64_t x_stride, const uint8_t* panel, int64_t k, float* out, int64_t out_stride) {
   TW_ZERO_ACC
   TW_ROW_POINTERS
   for (int64_t g = 0; g < k / G; ++g) {
-    const Group<Bits> group = load_group<Bits, G>(panel, g);
+    const Group<Fmt> group = load_group<Fmt, G>(panel, g);
     for (int64_t kk = 0; kk < G; ++kk) {
       __m256 w0, w1;
       group.unpack(kk, w0, w1);
@@ -220,10 +282,10 @@ void panel_direct(const float* x, int64_t x_stride, const uint8_t* panel, int64_
 }
 
 // Weights k0..k1 of a panel as float32, [k][16] (k0 and k1 multiples of G).
-template <int Bits, int G>
+template <int Fmt, int G>
 void unpack_panel(const uint8_t* panel, int64_t k0, int64_t k1, float* dst) {
   for (int64_t g = k0 / G; g < k1 / G; ++g) {
-    const Group<Bits> group = load_group<Bits, G>(panel, g);
+    const Group<Fmt> group = load_group<Fmt, G>(panel, g);
     float* d = dst + (g * G - k0) * kPanel;
     for (int64_t kk = 0; kk < G; ++kk) {
       __m256 w0, w1;
@@ -280,16 +342,16 @@ constexpr int64_t kChunkK = 576;
 constexpr int64_t kChunkBytes = 512 * 1024;
 
 // out[rows, 16] for rows <= kDirectRows, straight from the quants.
-template <int Bits, int G>
+template <int Fmt, int G>
 void direct(const float* x, int64_t x_stride, int64_t rows, const uint8_t* panel, int64_t k, float* out,
             int64_t out_stride) {
   switch (rows) {
-    case 1: panel_direct<Bits, G, 1>(x, x_stride, panel, k, out, out_stride); break;
-    case 2: panel_direct<Bits, G, 2>(x, x_stride, panel, k, out, out_stride); break;
-    case 3: panel_direct<Bits, G, 3>(x, x_stride, panel, k, out, out_stride); break;
-    case 4: panel_direct<Bits, G, 4>(x, x_stride, panel, k, out, out_stride); break;
-    case 5: panel_direct<Bits, G, 5>(x, x_stride, panel, k, out, out_stride); break;
-    default: panel_direct<Bits, G, 6>(x, x_stride, panel, k, out, out_stride); break;
+    case 1: panel_direct<Fmt, G, 1>(x, x_stride, panel, k, out, out_stride); break;
+    case 2: panel_direct<Fmt, G, 2>(x, x_stride, panel, k, out, out_stride); break;
+    case 3: panel_direct<Fmt, G, 3>(x, x_stride, panel, k, out, out_stride); break;
+    case 4: panel_direct<Fmt, G, 4>(x, x_stride, panel, k, out, out_stride); break;
+    case 5: panel_direct<Fmt, G, 5>(x, x_stride, panel, k, out, out_stride); break;
+    default: panel_direct<Fmt, G, 6>(x, x_stride, panel, k, out, out_stride); break;
   }
 }
 
@@ -325,11 +387,11 @@ void unpacked(const float* x, int64_t x_stride, int64_t rows, const float* w, in
   }
 }
 
-template <int Bits, int G>
+template <int Fmt, int G>
 void linear(const float* x, int64_t x_stride, int64_t m_rows, int64_t k, const uint8_t* packed, int64_t n, float* out,
             int64_t out_stride, int num_threads) {
   const int64_t panels = (n + kPanel - 1) / kPanel;
-  const int64_t panel_bytes = k / G * group_bytes(Bits, G);
+  const int64_t panel_bytes = k / G * group_bytes(Fmt, G);
   const int64_t most_rows = kChunkBytes / (4 * k) > kTileRows ? kChunkBytes / (4 * k) : kTileRows;
   const int64_t passes = (m_rows + most_rows - 1) / most_rows;
   const int64_t chunk_rows = ((m_rows + passes - 1) / passes + kTileRows - 1) / kTileRows * kTileRows;
@@ -359,11 +421,11 @@ void linear(const float* x, int64_t x_stride, int64_t m_rows, int64_t k, const u
           o_stride = kPanel;
         }
         if (rows <= kDirectRows) {
-          direct<Bits, G>(xm, x_stride, rows, panel, k, o, o_stride);
+          direct<Fmt, G>(xm, x_stride, rows, panel, k, o, o_stride);
         } else {
           for (int64_t k0 = 0; k0 < k; k0 += kChunkK) {
             const int64_t k1 = k0 + kChunkK < k ? k0 + kChunkK : k;
-            unpack_panel<Bits, G>(panel, k0, k1, unpacked_w);
+            unpack_panel<Fmt, G>(panel, k0, k1, unpacked_w);
             unpacked(xm + k0, x_stride, rows, unpacked_w, k1 - k0, o, o_stride, k0 == 0);
           }
         }
@@ -390,11 +452,11 @@ void linear(const float* x, int64_t x_stride, int64_t m_rows, int64_t k, const u
 #else
 // The same sums in the same order as the AVX2 path (one fused multiply-add per product, k in
 // order), so that both give the same bits.
-template <int Bits, int G>
+template <int Fmt, int G>
 void linear(const float* x, int64_t x_stride, int64_t m_rows, int64_t k, const uint8_t* packed, int64_t n, float* out,
             int64_t out_stride, int num_threads) {
   const int64_t panels = (n + kPanel - 1) / kPanel;
-  const int64_t panel_bytes = k / G * group_bytes(Bits, G);
+  const int64_t panel_bytes = k / G * group_bytes(Fmt, G);
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (panels > 1)
   for (int64_t p = 0; p < panels; ++p) {
     const uint8_t* panel = packed + p * panel_bytes;
@@ -402,7 +464,14 @@ void linear(const float* x, int64_t x_stride, int64_t m_rows, int64_t k, const u
     for (int64_t m = 0; m < m_rows; ++m) {
       float acc[kPanel] = {};
       for (int64_t g = 0; g < k / G; ++g) {
-        const uint8_t* group = panel + g * group_bytes(Bits, G);
+        const uint8_t* group = panel + g * group_bytes(Fmt, G);
+        if constexpr (is_float_format(Fmt)) {
+          for (int64_t kk = 0; kk < G; ++kk) {
+            const float a = x[m * x_stride + g * G + kk];
+            for (int c = 0; c < kPanel; ++c) acc[c] = std::fma(a, float_weight<Fmt>(group, kk * kPanel + c), acc[c]);
+          }
+          continue;
+        }
         float so[2 * kPanel];
         std::memcpy(so, group, sizeof so);
         const uint8_t* quants = group + 2 * kPanel * 4;
@@ -410,7 +479,7 @@ void linear(const float* x, int64_t x_stride, int64_t m_rows, int64_t k, const u
           const float a = x[m * x_stride + g * G + kk];
           for (int c = 0; c < kPanel; ++c) {
             int q;
-            if constexpr (Bits == 4) {
+            if constexpr (Fmt == kNibbles) {
               q = (quants[8 * kk + (c & 7)] >> (c < 8 ? 0 : 4)) & 0x0F;
             } else {
               q = static_cast<int8_t>(quants[16 * kk + c]);
@@ -439,7 +508,7 @@ int64_t tw_quant_row_bytes(int type, int64_t k) {
 // Bytes of the packed form of an [n, k] weight of a type, or 0 where tw_quant_row_bytes is 0.
 int64_t tw_quant_packed_bytes(int type, int64_t k, int64_t n) {
   if (tw_quant_row_bytes(type, k) == 0 || n <= 0) return 0;
-  return (n + kPanel - 1) / kPanel * (k / group_size(type)) * group_bytes(quant_bits(type), group_size(type));
+  return (n + kPanel - 1) / kPanel * (k / group_size(type)) * group_bytes(quant_format(type), group_size(type));
 }
 
 // Repacks GGUF rows (blocks [n, row_bytes]) into the panels tw_quant_linear reads (packed:
@@ -449,9 +518,10 @@ int tw_quant_pack(int type, const void* blocks, int64_t row_bytes, int64_t k, in
                   int num_threads) {
   if (block_bytes(type) == 0) return 1;
   if (tw_quant_packed_bytes(type, k, n) == 0 || row_bytes != tw_quant_row_bytes(type, k)) return 2;
-  const int bits = quant_bits(type), gsize = group_size(type);
+  const int fmt = quant_format(type), gsize = group_size(type);
   const int64_t groups = k / gsize, panels = (n + kPanel - 1) / kPanel;
-  const int64_t gbytes = group_bytes(bits, gsize);
+  const int64_t gbytes = group_bytes(fmt, gsize);
+  const int64_t elem = fmt == kFloat32s ? 4 : 2;  // a float format's bytes per value
   uint8_t* dst = static_cast<uint8_t*>(packed);
   std::memset(dst, 0, static_cast<size_t>(tw_quant_packed_bytes(type, k, n)));
 #pragma omp parallel for num_threads(num_threads) schedule(static)
@@ -460,6 +530,11 @@ int tw_quant_pack(int type, const void* blocks, int64_t row_bytes, int64_t k, in
       const uint8_t* row = static_cast<const uint8_t*>(blocks) + (p * kPanel + c) * row_bytes;
       for (int64_t g = 0; g < groups; ++g) {
         uint8_t* group = dst + (p * groups + g) * gbytes;
+        if (is_float_format(fmt)) {  // the values as they are, k-major
+          for (int i = 0; i < gsize; ++i)
+            std::memcpy(group + (i * kPanel + c) * elem, row + (g * gsize + i) * elem, static_cast<size_t>(elem));
+          continue;
+        }
         float scale, offset;
         int q[kMaxGroup];
         read_group(type, row, g, scale, offset, q);
@@ -467,7 +542,7 @@ int tw_quant_pack(int type, const void* blocks, int64_t row_bytes, int64_t k, in
         std::memcpy(group + 4 * (kPanel + c), &offset, 4);
         uint8_t* quants = group + 2 * kPanel * 4;
         for (int i = 0; i < gsize; ++i) {
-          if (bits == 8) {
+          if (fmt == kInt8) {
             quants[16 * i + c] = static_cast<uint8_t>(q[i]);
           } else {
             quants[8 * i + (c & 7)] |= static_cast<uint8_t>(q[i] << (c < 8 ? 0 : 4));
@@ -487,12 +562,13 @@ int tw_quant_linear(int type, const float* x, int64_t x_stride, int64_t m_rows, 
   if (tw_quant_row_bytes(type, k) == 0) return 2;
   if (m_rows <= 0 || n <= 0) return 0;
   const uint8_t* p = static_cast<const uint8_t*>(packed);
-  if (group_size(type) == 16) {
-    linear<8, 16>(x, x_stride, m_rows, k, p, n, out, out_stride, num_threads);
-  } else if (quant_bits(type) == 8) {
-    linear<8, 32>(x, x_stride, m_rows, k, p, n, out, out_stride, num_threads);
-  } else {
-    linear<4, 32>(x, x_stride, m_rows, k, p, n, out, out_stride, num_threads);
+  switch (group_size(type) == 16 ? -1 : quant_format(type)) {
+    case -1: linear<kInt8, 16>(x, x_stride, m_rows, k, p, n, out, out_stride, num_threads); break;
+    case kInt8: linear<kInt8, 32>(x, x_stride, m_rows, k, p, n, out, out_stride, num_threads); break;
+    case kNibbles: linear<kNibbles, 32>(x, x_stride, m_rows, k, p, n, out, out_stride, num_threads); break;
+    case kFloat32s: linear<kFloat32s, 32>(x, x_stride, m_rows, k, p, n, out, out_stride, num_threads); break;
+    case kFloat16s: linear<kFloat16s, 32>(x, x_stride, m_rows, k, p, n, out, out_stride, num_threads); break;
+    default: linear<kBFloat16s, 32>(x, x_stride, m_rows, k, p, n, out, out_stride, num_threads); break;
   }
   return 0;
 }

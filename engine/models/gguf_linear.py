@@ -1,4 +1,5 @@
-"""Linear layers that multiply a few rows straight from the checkpoint's GGUF blocks (native kernel)."""
+"""Linear layers that multiply straight from packed weights (native kernel): a GGUF checkpoint's
+blocks, or a dense checkpoint's values in the narrowest float type that holds them exactly."""
 
 from __future__ import annotations
 
@@ -100,3 +101,33 @@ def use_gguf_blocks(model: nn.Module, blocks: dict[str, list[tuple[int, torch.Te
         setattr(parent, name, GGUFLinear(None if max_rows is None else layer, packed, max_rows))
         wrapped += 1
     return wrapped
+
+
+# GGML's ids of the float types the kernel takes, narrowest first: a weight goes in the first that
+# holds every one of its values exactly.
+_FLOAT_TYPES = ((30, torch.bfloat16), (1, torch.float16), (0, torch.float32))
+
+
+def float_weight_parts(model: nn.Module) -> dict[str, list[tuple[int, torch.Tensor]]]:
+    """Linear module path -> its weight as one (GGML float type, [rows, bytes]) part, for ``use_gguf_blocks``.
+
+    For each bias-free ``nn.Linear`` of float32 weights on the CPU whose in_features is a multiple of
+    32 (the kernel's groups): the weight in bfloat16 where every value is a bfloat16 (a checkpoint
+    saved in bfloat16), else in float16 where every value is one, else in float32. Widened back,
+    each value is the float32 the layer holds, so only summation order separates the kernel's
+    result from the layer's; and decoding, which reads every weight for a few rows, reads half the
+    bytes of float32 from a 16-bit checkpoint.
+    """
+    found: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for path, layer in model.named_modules():
+        if type(layer) is not nn.Linear or layer.bias is not None:
+            continue
+        weight = layer.weight.detach()
+        if weight.dtype != torch.float32 or not weight.is_cpu or layer.in_features % 32:
+            continue
+        for ggml_type, dtype in _FLOAT_TYPES:
+            narrow = weight.to(dtype)
+            if dtype == torch.float32 or torch.equal(narrow.float(), weight):
+                found[path] = [(ggml_type, narrow.contiguous().view(torch.uint8))]
+                break
+    return found

@@ -14,15 +14,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
+from torch import nn
 
 from tokenwire.engine import native
 from tokenwire.engine.loader import load_gguf, load_model
-from tokenwire.engine.models.gguf_linear import MAX_BLOCK_ROWS, GGUFLinear, block_rows_limit, use_gguf_blocks
+from tokenwire.engine.models.gguf_linear import (
+    MAX_BLOCK_ROWS,
+    GGUFLinear,
+    block_rows_limit,
+    float_weight_parts,
+    use_gguf_blocks,
+)
 
-from .test_loader import IDS, logits, write_llama_gguf
+from .test_loader import IDS, logits, write_llama_gguf, write_tiny_tokenizer
 
 CPU = torch.device("cpu")
-KERNEL_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+# The quantized types, and the float types a dense checkpoint's weights are packed in.
+KERNEL_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F32, Q.F16, Q.BF16]
 # Where each K-quant block keeps its float16 scales (gguf-py cannot quantize these types, so the
 # tests fill their blocks with random bytes and set the scales to finite values).
 K_QUANT_SCALES = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
@@ -50,7 +58,9 @@ def quantized(n: int, k: int, qtype: Q, seed: int = 0) -> tuple[torch.Tensor, to
         w[0] *= 1e-6  # NOTE: a row whose float16 scale is subnormal
         w[1] += 3.0  # and one whose Q4_1 offset is far from zero
         data = gguf.quants.quantize(w, qtype)
-    return torch.from_numpy(data.reshape(n, -1).copy()), torch.from_numpy(gguf.quants.dequantize(data, qtype))
+    # NOTE: gguf gives F32 and F16 as float arrays: their bytes are the rows the kernel takes.
+    rows = np.ascontiguousarray(data.reshape(n, -1)).view(np.uint8)
+    return torch.from_numpy(rows.copy()), torch.from_numpy(gguf.quants.dequantize(data, qtype))
 
 
 def multiply(x: torch.Tensor, qtype: int, blocks: torch.Tensor) -> torch.Tensor:
@@ -285,3 +295,44 @@ def test_the_portable_build_gives_the_same_bits(portable_kernels: ctypes.CDLL) -
         rc = lib.tw_quant_linear(int(qtype), x.data_ptr(), 256, x.shape[0], 256, packed.data_ptr(), 37, out.data_ptr(), 37, 2)
         assert rc == 0 and torch.equal(out[:256], dense.T), qtype.name
         assert torch.equal(out[256:], multiply(x[256:], qtype, blocks)), qtype.name
+
+
+def test_dense_weights_are_packed_in_the_narrowest_float_type_that_holds_them() -> None:
+    gen = torch.Generator().manual_seed(8)
+    model = nn.ModuleDict({
+        "bf16": nn.Linear(64, 48, bias=False),
+        "f16": nn.Linear(64, 48, bias=False),
+        "f32": nn.Linear(64, 48, bias=False),
+        "biased": nn.Linear(64, 48),
+        "odd": nn.Linear(40, 48, bias=False),  # in_features not a multiple of the kernel's 32
+    })  # fmt: skip
+    with torch.no_grad():
+        weights = torch.randn(48, 64, generator=gen)
+        model["bf16"].weight.copy_(weights.bfloat16().float())
+        model["f16"].weight.copy_(weights.half().float())  # float16's extra mantissa bits: not bfloat16
+        model["f32"].weight.copy_(weights)
+    found = float_weight_parts(model)
+    assert {path: [t for t, _ in parts] for path, parts in found.items()} == {"bf16": [30], "f16": [1], "f32": [0]}
+    for path, [(ggml_type, raw)] in found.items():
+        weight = model[path].weight
+        assert torch.equal(dense_from_blocks(ggml_type, raw, 64), weight), path
+        x = torch.randn(5, 64, generator=gen)
+        torch.testing.assert_close(multiply(x, ggml_type, raw), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_a_dense_checkpoint_runs_its_matmuls_from_packed_values(tmp_path: Path, make_tiny_hf_llama: Any) -> None:
+    from tokenwire.engine import LLM, SamplingParams
+
+    hf_model = make_tiny_hf_llama(tmp_path / "hf", tied=True, seed=9)
+    hf_model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # as most checkpoints are stored
+    write_tiny_tokenizer(tmp_path / "bf16", hf_model.config.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = [IDS, IDS[:5], [3, 1, 4, 1, 5, 9, 2, 6]]
+    llm = LLM(model=str(tmp_path / "bf16"), dtype="float32", kv_cache_memory=1 << 22)
+    model = llm.core.runner.model
+    layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    assert len(layers) == 2 * 4 + 1 and not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert {p.ggml_type for m in layers for p in m.parts} == {30}, "bfloat16 values, kept in bfloat16"
+    assert model._stack() is not None, "every layer part native: the whole stack in one call"
+    plain = LLM(model=str(tmp_path / "bf16"), dtype="float32", kv_cache_memory=1 << 22, native_kernels=False)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in plain.generate(prompts, params)]
