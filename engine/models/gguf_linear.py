@@ -119,8 +119,10 @@ def float_weight_parts(model: nn.Module) -> dict[str, list[tuple[int, torch.Tens
     bytes of float32 from a 16-bit checkpoint.
     """
     found: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    # NOTE: a GGUFLinear's own dense copy (kept for large steps) is not packed a second time.
+    wrapped = tuple(f"{path}." for path, m in model.named_modules() if isinstance(m, GGUFLinear))
     for path, layer in model.named_modules():
-        if type(layer) is not nn.Linear or layer.bias is not None:
+        if type(layer) is not nn.Linear or layer.bias is not None or path.startswith(wrapped):
             continue
         weight = layer.weight.detach()
         if weight.dtype != torch.float32 or not weight.is_cpu or layer.in_features % 32:

@@ -336,3 +336,10 @@ def test_a_dense_checkpoint_runs_its_matmuls_from_packed_values(tmp_path: Path, 
     assert model._stack() is not None, "every layer part native: the whole stack in one call"
     plain = LLM(model=str(tmp_path / "bf16"), dtype="float32", kv_cache_memory=1 << 22, native_kernels=False)
     assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in plain.generate(prompts, params)]
+
+
+def test_the_dense_copy_a_gguf_layer_keeps_is_not_packed_again() -> None:
+    layer = nn.Linear(64, 48, bias=False)
+    blocks = torch.from_numpy(gguf.quants.quantize(layer.weight.detach().numpy(), Q.Q8_0))
+    model = nn.ModuleDict({"gguf": GGUFLinear(layer, [native.quant_pack(int(Q.Q8_0), blocks, 64)], MAX_BLOCK_ROWS)})
+    assert float_weight_parts(model) == {}
