@@ -52,7 +52,8 @@ class NativeStack:
     @classmethod
     def for_layers(cls, layers: nn.ModuleList, config: LlamaConfig) -> NativeStack | None:
         """The stack for these layers, or None unless every norm, attention and MLP has native ops
-        switched on and every projection is float32 GGUF blocks (at most three parts) that serve all rows."""
+        switched on and every projection is packed weights (GGUF blocks or float values, at most three
+        parts) that serve all rows."""
         for layer in layers:
             parts = (layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn, layer.mlp)
             if not all(getattr(p, "native_ops", False) for p in parts):
