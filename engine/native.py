@@ -548,7 +548,10 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """
     lib = _loaded_library()
     if not (x.is_cpu and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] > 0 and x.stride(1) == 1):
-        raise ValueError(f"x {x.dtype} {tuple(x.shape)} strides {x.stride()}: need a CPU float32 [rows, cols >= 1] with unit column stride")
+        raise ValueError(
+            f"x {x.dtype} {tuple(x.shape)} strides {x.stride()}: need a CPU float32 [rows, cols >= 1] "
+            "with unit column stride"
+        )
     out = torch.empty(x.shape[0], dtype=torch.int64)
     lib.tw_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr(), torch.get_num_threads())
     return out

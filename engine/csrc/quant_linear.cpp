@@ -1,20 +1,20 @@
 // y = x @ W.T for float32 activations and a GGUF block-quantized weight (Q4_0, Q4_1, Q8_0, Q4_K,
 // Q5_K, Q6_K), repacked once at load into panels that are dequantized on the fly; or a plain
 // float weight (F32, F16, BF16: a dense checkpoint's, in the narrowest of them that holds it
-// exactly), in the same panels without scales, widened on the fly. Decoding reads
-// every weight once per step for a handful of rows, so the step is bound by reading and unpacking
-// weights: a packed Q4_1 weight is 6 bits instead of float32's 32 (Q8_0, Q5_K: 10; Q6_K: 12).
+// exactly), in the same panels without scales, widened on the fly. Decoding reads every weight
+// once per step for a handful of rows, so the step is bound by reading and unpacking weights: a
+// packed Q4_1 weight is 6 bits instead of float32's 32 (Q8_0, Q5_K: 10; Q6_K: 12; BF16, F16: 16).
 //
 // Packed layout (tw_quant_pack): the output features in panels of 16 (the last one padded with
 // zero weights); a panel is K / G groups, each holding G consecutive k for its 16 features (G = 32,
 // or 16 for Q6_K, whose scales cover 16 weights):
 //   float scale[16], float offset[16], then the quants k-major: for each of the G k, the 16
 //   features' quants (4-bit types: 8 bytes, byte j = (feature j) | (feature j + 8) << 4; Q8_0,
-//   Q5_K and Q6_K: 16 int8).
-// Float weights: each group is just the G k's 16 values (float32, float16 or bfloat16), widened
-// exactly. Weight (n, k) of a quantized type is fma(scale[n], q, offset[n]) for its group. k-major quants let a vector hold
-// eight features at one k, so a row of x is a broadcast and each product goes straight into an
-// output's accumulator: no horizontal sums, and any number of rows of x share one unpacking.
+//   Q5_K and Q6_K: 16 int8); for the float types, the values alone, k-major (16 a k).
+// Weight (n, k) is fma(scale[n], q, offset[n]) for its group, or the float value widened (exact).
+// k-major quants let a vector hold eight features at one k, so a row of x is a broadcast and each
+// product goes straight into an output's accumulator: no horizontal sums, and any number of rows
+// of x share one unpacking.
 //
 // Exactness: scale * q is exact in float32 for every type here (a float16 d times a 4- or 8-bit q,
 // d times a 6-bit sub-block scale times a 4- or 5-bit q, or d times an int8 scale times a 6-bit
