@@ -75,7 +75,7 @@ class EngineCore:
             native_kernels=args.native_kernels,
             cache_dtype=self.kv_cache_dtype,
         )
-        self.sampler = Sampler(seed=args.seed, device=loaded.device)
+        self.sampler = Sampler(seed=args.seed, device=loaded.device, native_kernels=native_ops)
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
         # NOTE: a model may have more logits than its tokenizer has tokens (rows padded to a round
         # size): the extra ids decode to nothing, so they are never sampled and never accepted.

@@ -171,13 +171,19 @@ class Sampler:
     filters; they are computed only for rows whose request asked for them.
     """
 
-    def __init__(self, seed: int | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, seed: int | None = None, device: torch.device | str = "cpu", native_kernels: bool = False
+    ) -> None:
         """Create a sampler.
 
         Args:
             seed: seed of the generator shared by unseeded requests; None seeds it from the OS.
             device: where that generator lives; the logits' device is best.
+            native_kernels: take greedy rows' argmax from the native kernel where it reads the
+                logits (CPU float32; the same indices as torch's); the engine turns it on with
+                its other native kernels.
         """
+        self._native_argmax = native_kernels and native.available(torch.device(device), torch.float32)
         self._generator = torch.Generator(device=device)
         if seed is None:
             self._generator.seed()
@@ -209,7 +215,7 @@ class Sampler:
             raise ValueError(f"drafts has {len(drafts)} entries but states has {len(states)}")
         if all(s.greedy and not s.uses_penalties and not s.masked_token_ids() for s in states):
             # Fast path: nothing changes the argmax.
-            token_ids = argmax(logits)  # [S]
+            token_ids = argmax(logits, self._native_argmax)  # [S]
         else:
             token_ids = self._sample(process_logits(logits, states), states, drafts)
         ids = token_ids.tolist()
@@ -223,7 +229,7 @@ class Sampler:
         sampled = [i for i, s in enumerate(states) if not s.greedy]
         token_ids = torch.empty(len(states), dtype=torch.int64, device=logits.device)
         if greedy:
-            token_ids[greedy] = argmax(_rows(logits, greedy))
+            token_ids[greedy] = argmax(_rows(logits, greedy), self._native_argmax)
         if sampled:
             uniforms = self._uniforms([states[i] for i in sampled], logits.device)  # [R] float64
             rows = _rows(logits, sampled)
@@ -454,18 +460,20 @@ def _apply_min_tokens_mask(logits: torch.Tensor, states: Sequence[SamplingState]
         logits[rows, cols] = float("-inf")
 
 
-def argmax(logits: torch.Tensor) -> torch.Tensor:
+def argmax(logits: torch.Tensor, native_kernel: bool = False) -> torch.Tensor:
     """Each row's argmax, int64 [R] as ``logits.argmax(dim=-1)`` gives it.
 
-    CPU float32 logits go through the native kernel (torch's CPU argmax took 1.9 ms of a 32-row
-    decode step over SmolLM2's 49,152 logits a row, the kernel ~0.1 ms), others through torch.
+    With ``native_kernel`` (the library loaded), CPU float32 logits go through the native kernel:
+    torch's CPU argmax took 1-1.9 ms of a 32-row decode step over SmolLM2's 49,152 logits a row,
+    the kernel ~0.13 ms. Others go through torch.
     """
     if (
-        logits.dim() == 2
+        native_kernel
+        and logits.is_cpu
+        and logits.dim() == 2
         and logits.dtype == torch.float32
         and logits.shape[1] > 0
         and logits.stride(1) == 1
-        and native.available(logits.device, logits.dtype)
     ):
         return native.argmax_rows(logits)
     return logits.argmax(dim=-1)

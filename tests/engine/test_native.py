@@ -191,6 +191,7 @@ def test_the_engine_gives_the_same_tokens_with_and_without_the_kernels(kernel: n
         # The default model's Q4_1/Q8_0 weights: decode rows multiply straight from the blocks.
         model = llm.core.runner.model
         assert isinstance(layer.mlp.gate_up_proj, GGUFLinear) == isinstance(model.lm_head, GGUFLinear) == native_kernels
+        assert llm.core.sampler._native_argmax == native_kernels
         runs.append([o.token_ids for o in llm.generate(prompts, params)])
         if speculative_tokens:
             assert llm.stats().accepted_draft_tokens_total > 0

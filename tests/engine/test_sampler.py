@@ -69,11 +69,17 @@ def run_steps(sampler: Sampler, states: list[SamplingState], steps: int, order: 
 # --- greedy ------------------------------------------------------------------------------------
 
 
-def test_greedy_equals_argmax() -> None:
+@pytest.mark.parametrize("native_kernels", [False, True], ids=["torch", "native"])
+def test_greedy_equals_argmax(native_kernels: bool) -> None:
     logits = make_logits(6)
-    out = Sampler(seed=0)(logits, [make_state(temperature=0.0) for _ in range(6)])
-    assert out.token_ids == logits.argmax(dim=-1).tolist()
+    logits[1, :4] = logits[1].max() + 1.0  # a tie: the first of the maxima wins
+    sampler = Sampler(seed=0, native_kernels=native_kernels)
+    out = sampler(logits, [make_state(temperature=0.0) for _ in range(6)])
+    assert out.token_ids == logits.argmax(dim=-1).tolist() and out.token_ids[1] == 0
     assert out.logprobs == [None] * 6
+    # Greedy rows beside sampled ones take the same path.
+    mixed = sampler(logits, [make_state(temperature=0.0 if i % 2 else 1.0, seed=i) for i in range(6)])
+    assert mixed.token_ids[1::2] == logits.argmax(dim=-1).tolist()[1::2]
 
 
 def test_top_k_one_equals_greedy() -> None:
