@@ -20,7 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCE_DIR = Path(__file__).with_name("csrc")
-_ABI_VERSION = 8
+_ABI_VERSION = 9
 # Element-type codes of the C entry points: the kernels compute in float32 and take tensors of
 # these types; a KV cache may also be float16 (a float32 or bfloat16 model's narrower cache).
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
