@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -196,19 +197,11 @@ struct Group {
 
   // Features 0-7 and 8-15 at the group's k index kk.
   inline void unpack(int64_t kk, __m256& w0, __m256& w1) const {
-    if constexpr (Fmt == kFloat32s) {
-      const float* w = reinterpret_cast<const float*>(quants) + kPanel * kk;
-      w0 = _mm256_loadu_ps(w);
-      w1 = _mm256_loadu_ps(w + 8);
-    } else if constexpr (is_float_format(Fmt)) {
-      const __m128i* w = reinterpret_cast<const __m128i*>(quants + 2 * kPanel * kk);
-      if constexpr (Fmt == kFloat16s) {
-        w0 = _mm256_cvtph_ps(_mm_loadu_si128(w));
-        w1 = _mm256_cvtph_ps(_mm_loadu_si128(w + 1));
-      } else {  // bfloat16: the high half of a float32
-        w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(w)), 16));
-        w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(w + 1)), 16));
-      }
+    if constexpr (is_float_format(Fmt)) {  // the values, widened as the attention kernels widen theirs
+      using T = std::conditional_t<Fmt == kFloat32s, float, std::conditional_t<Fmt == kFloat16s, tw::Half, uint16_t>>;
+      const T* w = reinterpret_cast<const T*>(quants) + kPanel * kk;
+      w0 = tw::load8(w);
+      w1 = tw::load8(w + 8);
     } else if constexpr (Fmt == kNibbles) {
       const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(quants + 8 * kk));
       const __m128i low4 = _mm_set1_epi8(0x0F);
