@@ -117,12 +117,15 @@ class EngineCore:
                 ids = [operator.index(t) for t in request.prompt_token_ids or ()]
             except TypeError:
                 raise InvalidRequestError("prompt token ids must be integers") from None
-            vocab = self.vocab_size
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise InvalidRequestError(f"unknown token id {bad} in prompt (vocab size {vocab})")
         if not ids:
             raise InvalidRequestError("prompt is empty")
+        # NOTE: text can encode to ids past the model's rows too: a tokenizer's added tokens
+        # may outnumber the embedding's rows, and such an id would fail the whole step.
+        vocab = self.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            given_as = "in prompt" if request.prompt_token_ids is not None else "from the prompt's tokenization"
+            raise InvalidRequestError(f"unknown token id {bad} {given_as} (vocab size {vocab})")
         return ids
 
     def make_sequence(self, request: GenerationRequest) -> Sequence:
@@ -173,7 +176,11 @@ class EngineCore:
         if seq is None:
             return None
         self.scheduler.finish(seq)
-        return RequestOutput(request_id, finish_reason=FinishReason.CANCELLED, usage=seq.usage())
+        # The text held back (a possible stop string's start, a character's first bytes) belongs to
+        # tokens already streamed: the deltas must still add up to their decoding.
+        return RequestOutput(
+            request_id, text=seq.detokenizer.finish(), finish_reason=FinishReason.CANCELLED, usage=seq.usage()
+        )
 
     # ---- the step --------------------------------------------------------------------------
 
@@ -240,7 +247,8 @@ class EngineCore:
             # The stop token is reported in token_ids but never enters the text.
             out.finish_reason = FinishReason.STOP
         else:
-            update = seq.detokenizer.add_tokens([token])
+            # NOTE: below min_tokens a stop string does not end the request, as a stop token cannot.
+            update = seq.detokenizer.add_tokens([token], watch_stops=seq.num_output_tokens >= params.min_tokens)
             out.text += update.text
             if update.stopped:
                 out.finish_reason = FinishReason.STOP

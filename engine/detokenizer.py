@@ -106,7 +106,7 @@ class IncrementalDetokenizer:
         """The stop string that matched, if any."""
         return self._stop_string
 
-    def add_tokens(self, token_ids: Sequence[int]) -> DetokenizerUpdate:
+    def add_tokens(self, token_ids: Sequence[int], watch_stops: bool = True) -> DetokenizerUpdate:
         """Take newly generated tokens and return the text that is safe to stream now.
 
         After a stop string matched or :meth:`finish` ran, further tokens are ignored and the
@@ -114,6 +114,9 @@ class IncrementalDetokenizer:
 
         Args:
             token_ids: the new tokens, in order.
+            watch_stops: False while stop strings may not end the request yet (below its
+                ``min_tokens``): the text, held-back text included, is streamed as it is, and only
+                text of later tokens can hold a stop string.
 
         Returns:
             The new text and whether a stop string ended the request.
@@ -121,7 +124,11 @@ class IncrementalDetokenizer:
         if self._done:
             return DetokenizerUpdate("", self.stopped, self._stop_string)
         self._window.extend(token_ids)
-        return self._release(self._decode_window(final=False), final=False)
+        new_text = self._decode_window(final=False)
+        if not watch_stops:
+            pending, self._held = self._held + new_text, ""
+            return DetokenizerUpdate(self._emit(pending))
+        return self._release(new_text, final=False)
 
     def finish(self) -> str:
         """Flush everything held back when the request ends for another reason (EOS, length, cancel).

@@ -30,7 +30,7 @@ class SamplingParams:
         frequency_penalty: in [-2, 2]; applies to generated tokens, times their count.
         seed: per-request seed; same seed and prompt give the same output whatever shares the batch.
         max_tokens: most tokens to generate; None means up to the context length.
-        min_tokens: fewest tokens before EOS or a stop token may end the request.
+        min_tokens: fewest tokens before EOS, a stop token or a stop string may end the request.
         stop: stop strings (up to 16; one string is one stop string); the text ends before the first one.
         stop_token_ids: up to 256 tokens that end the request (kept in token ids, not in text).
         ignore_eos: keep going past the model's EOS tokens.

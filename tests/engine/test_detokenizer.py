@@ -222,6 +222,28 @@ def test_held_back_text_is_released_by_finish(tokenizer: Tokenizer) -> None:
     assert detok.text == "Hello world. EN" == tokenizer.decode(ids)
 
 
+def test_unwatched_tokens_stream_stop_strings_and_release_held_text(tokenizer: Tokenizer) -> None:
+    """Below a request's min_tokens its text streams as it is; a stop string counts only in later text."""
+    ids = tokenizer.encode("one two. one two. one two.", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, [], [" two."])
+    # Watched from the second "." on: the second " two." began in text already streamed.
+    watched_from = len(tokenizer.encode("one two. one two", add_special_tokens=False))
+    texts = []
+    for i, t in enumerate(ids):
+        update = detok.add_tokens([t], watch_stops=i >= watched_from)
+        texts.append(update.text)
+        if update.stopped:
+            break
+    assert update.stopped and update.stop_string == " two."
+    # The first two " two." passed through; the third, wholly in watched text, ended it.
+    assert "".join(texts) == detok.text == "one two. one two. one"
+    # Held text is released at the first unwatched token rather than kept for a later match.
+    held = IncrementalDetokenizer(tokenizer, [], ["one two!"])
+    first, second = tokenizer.encode("one", add_special_tokens=False), tokenizer.encode(" two", add_special_tokens=False)
+    assert held.add_tokens(first).text == ""  # "one" could start the stop string
+    assert held.add_tokens(second, watch_stops=False).text == "one two"
+
+
 def test_tokens_after_a_stop_are_ignored(tokenizer: Tokenizer) -> None:
     ids = tokenizer.encode("one two three", add_special_tokens=False)
     detok = IncrementalDetokenizer(tokenizer, [], [" two"])

@@ -135,3 +135,70 @@ def test_streamed_text_concatenates_to_the_decoded_completion(llm: LLM) -> None:
         assert "".join(deltas) == tok.decode(ids[rid])
         # A replacement character may only come from bytes that never complete, never mid-stream.
         assert all("\ufffd" not in d for d in deltas[:-1]) or "\ufffd" in tok.decode(ids[rid])
+
+
+def test_text_that_encodes_past_the_model_is_refused_and_others_go_on(tmp_path: Path, default_model_path: Path) -> None:
+    """A tokenizer with more tokens than the model has rows: a text prompt that encodes to one of
+    them is refused with a clear error, and the engine goes on serving other requests."""
+    tokenizer = Tokenizer.from_gguf(default_model_path)
+    rows = tokenizer.vocab_size - 1000
+    torch.manual_seed(2)
+    config = ProductionTransformerConfig(
+        vocab_size=rows, d_model=32, num_heads=2, num_layers=1, dim_feedforward=64, dropout=0.0, max_len=128,
+        tie_weights=False,
+    )
+    save_folder(ProductionTransformer(config), tmp_path)
+    tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}))
+    llm = LLM(str(tmp_path), dtype="float32")
+    text = tokenizer.decode([tokenizer.vocab_size - 10])
+    assert max(tokenizer.encode(text)) >= rows  # the text needs a token the model has no row for
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    with pytest.raises(InvalidRequestError, match=f"from the prompt's tokenization \\(vocab size {rows}\\)"):
+        llm.generate([f"Hello {text}"], params)
+    assert len(llm.generate(["Hello there"], params)[0].token_ids) == 3
+    assert llm.stats().kv_blocks_used == 0
+
+
+def _first_tokens(llm: LLM, prompt: list[int], n: int) -> tuple[list[int], str]:
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))[0]
+    return out.token_ids, out.text
+
+
+def test_a_cancelled_request_streams_the_text_it_held_back(llm: LLM) -> None:
+    """Text held back as a possible stop string's start belongs to tokens already streamed: the
+    cancellation's final output carries it, so the deltas still add up to the tokens' decoding."""
+    prompt = [random.Random(5).randint(10, 4000) for _ in range(12)]
+    ids, text = _first_tokens(llm, prompt, 4)
+    assert text and "\ufffd" not in text
+    core = EngineCore(llm.loaded, llm.args)
+    # Everything generated so far is a proper prefix of the stop string, so all of it is held back.
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, stop=[text + "\u0001never"])
+    core.add_request(GenerationRequest("held", prompt_token_ids=prompt, params=params))
+    deltas: list[str] = []
+    got: list[int] = []
+    while len(got) < 4:
+        for out in core.step():
+            deltas.append(out.text)
+            got.extend(out.token_ids)
+    assert got == ids and "".join(deltas) == ""
+    final = core.abort("held")
+    assert final is not None and final.finish_reason is FinishReason.CANCELLED
+    assert "".join(deltas) + final.text == text
+    assert core.block_manager.num_used_blocks == 0
+
+
+def test_min_tokens_keeps_stop_strings_from_ending_the_request_too(llm: LLM) -> None:
+    prompt = [random.Random(9).randint(10, 4000) for _ in range(10)]
+    ids, text = _first_tokens(llm, prompt, 24)
+    stop = llm.tokenizer.decode(ids[1:2])  # the second token's text: it appears within two tokens
+    assert stop and "\ufffd" not in stop and text.index(stop) < len(llm.tokenizer.decode(ids[:2]))
+    early = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop]))[0]
+    assert early.finish_reason is FinishReason.STOP and len(early.token_ids) <= 2
+    params = SamplingParams(temperature=0.0, max_tokens=24, min_tokens=8, ignore_eos=True, stop=[stop])
+    late = llm.generate([prompt], params)[0]
+    assert len(late.token_ids) >= 8 and late.token_ids == ids[: len(late.token_ids)]
+    # The stop string passed through below min_tokens; the text is the completion's, cut at most
+    # before a later occurrence.
+    assert stop in late.text and text.startswith(late.text)
+    assert late.finish_reason is (FinishReason.STOP if len(late.token_ids) < 24 else FinishReason.LENGTH)
