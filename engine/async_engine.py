@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
-from typing import Literal
+from collections.abc import AsyncIterator, Callable
+from typing import Literal, TypeVar
 
 from tokenwire.engine.config import EngineArgs
 from tokenwire.engine.core import EngineCore
@@ -17,6 +17,7 @@ from tokenwire.engine.request import GenerationRequest
 from tokenwire.engine.sequence import Sequence
 
 _Command = tuple[Literal["add"], Sequence] | tuple[Literal["abort"], str]
+_T = TypeVar("_T")
 
 
 class RequestCollector:
@@ -72,6 +73,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._dead: EngineDeadError | None = None
+        self._swept = False  # whether the readers were told of _dead
 
     @property
     def model_info(self) -> ModelInfo:
@@ -169,6 +171,11 @@ class AsyncEngine:
             self._stats = core.stats()
             if outputs:
                 self._deliver(outputs)
+            if self._dead is not None and not self._swept:
+                # NOTE: a step that failed part way may have finished requests whose last outputs
+                # it never returned; their readers end with the error rather than wait forever.
+                self._swept = True
+                self._on_loop(self._fail_readers, self._dead)
             # NOTE: _stopping is checked again here: a shutdown() that set the event before this
             # iteration cleared it would otherwise be lost, and the thread would never wake.
             if (not core.has_unfinished() or self._dead is not None) and not self._stopping:
@@ -198,13 +205,25 @@ class AsyncEngine:
         return outputs
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        self._on_loop(self._dispatch, outputs)
+
+    def _on_loop(self, callback: Callable[[_T], None], arg: _T) -> None:
+        # Runs callback(arg) on the event loop, after what was handed to it before.
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         try:
-            loop.call_soon_threadsafe(self._dispatch, outputs)
+            loop.call_soon_threadsafe(callback, arg)
         except RuntimeError:
             pass  # NOTE: the loop closed between the check and the call; nobody is listening.
+
+    def _fail_readers(self, error: EngineDeadError) -> None:
+        # Every reader still waiting gets the error as its last output.
+        for rid, queue in list(self._collectors.items()):
+            for collector in queue:
+                if not collector.abandoned:
+                    collector.put(RequestOutput(rid, finish_reason=FinishReason.ERROR, error=error))
+        self._collectors.clear()
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

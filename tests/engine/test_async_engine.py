@@ -1,8 +1,9 @@
-"""The asyncio bridge on a tiny random model: streams end once, and a request id can be reused at once."""
+"""The asyncio bridge on a tiny random model: streams end once, an id can be reused at once, a failed step ends every stream."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -81,3 +82,45 @@ def test_an_id_in_use_is_refused_while_its_request_is_open(run_engine: Runner) -
     duplicate, rest = run_engine(scenario)
     assert duplicate.finish_reason == FinishReason.ERROR and isinstance(duplicate.error, DuplicateRequestError)
     assert rest[-1].finish_reason == FinishReason.CANCELLED
+
+
+def test_a_failed_step_ends_every_stream_with_the_error(run_engine: Runner) -> None:
+    """A step that fails part way, after it finished one request and before it returned that
+    request's last output: every reader still ends, with the engine's error, and nothing hangs."""
+
+    async def scenario(engine: AsyncEngine) -> list[list[RequestOutput]]:
+        core = engine.core
+        step, accept = core.step, core._accept
+        gate = threading.Event()
+        gate.set()
+
+        def gated_step() -> list[RequestOutput]:
+            gate.wait()
+            return step()
+
+        def failing_accept(item: Any, *args: Any) -> RequestOutput:
+            if item.seq.request_id == "b":
+                raise RuntimeError("injected fault")
+            return accept(item, *args)
+
+        core.step = gated_step  # type: ignore[method-assign]
+        core._accept = failing_accept  # type: ignore[method-assign]
+        x = engine.generate(request("x", 400))
+        first = await x.__anext__()
+        # Hold the engine in a step of "x" while "a" (one token) and "b" arrive, so that both
+        # join the next step: "a" finishes there, then "b" fails it.
+        gate.clear()
+        await asyncio.sleep(0.2)
+        a = asyncio.ensure_future(collect(engine, request("a", 1)))
+        b = asyncio.ensure_future(collect(engine, request("b", 5)))
+        await asyncio.sleep(0.2)
+        gate.set()
+        rest = asyncio.ensure_future(asyncio.wait_for(asyncio.gather(a, b), timeout=60))
+        x_outs = [first] + [out async for out in x]
+        a_outs, b_outs = await rest
+        after = await collect(engine, request("c", 5))
+        return [x_outs, a_outs, b_outs, after]
+
+    for outs in run_engine(scenario):
+        assert outs[-1].finish_reason is FinishReason.ERROR
+        assert "engine step failed: RuntimeError: injected fault" in str(outs[-1].error)
