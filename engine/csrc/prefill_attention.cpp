@@ -20,7 +20,12 @@
 // so that the running softmax is elementwise across rows (eight rows to a vector, no horizontal
 // reductions). Each row's arithmetic is the same whatever the other rows of its task are, and key
 // tiles start at multiples of kKeyTile positions: a prompt gets the same bits however the
-// scheduler splits it into chunks.
+// scheduler splits it into chunks. The AVX2 path takes a key tile one score tile of rows at a
+// time, through the last key that tile's last row sees: the keys past it would be masked for every
+// row there, and a masked key adds exact zeros to a row's sums, so leaving them out changes no bit.
+// Measured alternating on 30 layers' float32 pools, one 2,048-token step of 14 fresh prompts of
+// 32-256 tokens: 1.22-1.31x with the transposition below and the first tile's unread
+// accumulators; 1.15x for the same chunks after 1,536 tokens of context.
 
 #include <algorithm>
 #include <cmath>
@@ -108,25 +113,25 @@ void load_tile(const TC* k_cache, const TC* v_cache, const Chunk& chunk, int64_t
   }
 }
 
-// scores[n][r] = q[r] . k[n] for keys 0..nk-1 and rows r0..rows-1, the generic form.
-void tile_scores(Work& w, int64_t nk, int64_t r0) {
+// scores[n][r] = q[r] . k[n] for keys 0..nk-1 and rows r0..r1-1, the generic form.
+void tile_scores(Work& w, int64_t nk, int64_t r0, int64_t r1) {
   const int64_t R = w.rows, D = w.D;
   for (int64_t n = 0; n < nk; ++n) {
     float* s = w.scores.data() + n * R;
-    std::fill(s + r0, s + R, 0.f);
+    std::fill(s + r0, s + r1, 0.f);
     for (int64_t d = 0; d < D; ++d) {
       const float k = w.keys[n * D + d];
       const float* q = w.qt.data() + d * R;
 #pragma omp simd
-      for (int64_t r = r0; r < R; ++r) s[r] += q[r] * k;
+      for (int64_t r = r0; r < r1; ++r) s[r] += q[r] * k;
     }
   }
 }
 
-// acc[r] = acc[r] * alpha[r] + sum over n of p[n][r] v[n], for rows r0..rows-1, the generic form.
-void tile_values(Work& w, int64_t nk, int64_t r0) {
+// acc[r] = acc[r] * alpha[r] + sum over n of p[n][r] v[n], for rows r0..r1-1, the generic form.
+void tile_values(Work& w, int64_t nk, int64_t r0, int64_t r1) {
   const int64_t R = w.rows, D = w.D;
-  for (int64_t r = r0; r < R; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {
     float* a = w.acc.data() + r * D;
     const float alpha = w.alpha[r];
 #pragma omp simd
@@ -140,12 +145,12 @@ void tile_values(Work& w, int64_t nk, int64_t r0) {
   }
 }
 
-// The running softmax over one tile, the generic form: rows r0..rows-1 take the tile's scores
+// The running softmax over one tile, the generic form: rows r0..r1-1 take the tile's scores
 // into their maximum and sum, turn them into weights, and keep the factor their earlier
 // accumulation must be scaled by.
-void tile_softmax(Work& w, int64_t nk, int64_t r0) {
+void tile_softmax(Work& w, int64_t nk, int64_t r0, int64_t r1) {
   const int64_t R = w.rows;
-  for (int64_t r = r0; r < R; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {
     float mt = w.m[r];
     for (int64_t n = 0; n < nk; ++n) mt = std::max(mt, w.scores[n * R + r]);
     float sum = 0.f;
@@ -221,8 +226,8 @@ inline void score_tile(Work& w, int64_t n0, int64_t r0) {
 #undef TW_KEY
 }
 
-void tile_scores_avx2(Work& w, int64_t nk, int64_t r0) {
-  for (int64_t r = r0; r < w.rows; r += kRowAlign) {
+void tile_scores_avx2(Work& w, int64_t nk, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; r += kRowAlign) {
     int64_t n0 = 0;
     for (; n0 + 4 <= nk; n0 += 4) score_tile<4>(w, n0, r);
     switch (nk - n0) {
@@ -236,15 +241,21 @@ void tile_scores_avx2(Work& w, int64_t nk, int64_t r0) {
 
 // acc[r0 + i][c0 .. c0+32) for three rows: scaled by the rows' alpha, then the tile's weighted
 // values added, four value vectors loaded once for the three rows (7 loads per 12 FMAs).
+// On a task's first tile (First) the rows start from zero instead (acc is not read).
+template <bool First>
 inline void value_tile(Work& w, int64_t nk, int64_t r0, int64_t c0) {
   const int64_t R = w.rows, D = w.D;
-#define TW_LOAD(i)                                                        \
-  const __m256 al##i = _mm256_broadcast_ss(w.alpha.data() + r0 + i);      \
-  float* acc##i = w.acc.data() + (r0 + i) * D + c0;                       \
-  __m256 a##i##0 = _mm256_mul_ps(_mm256_loadu_ps(acc##i), al##i);         \
-  __m256 a##i##1 = _mm256_mul_ps(_mm256_loadu_ps(acc##i + 8), al##i);     \
-  __m256 a##i##2 = _mm256_mul_ps(_mm256_loadu_ps(acc##i + 16), al##i);    \
-  __m256 a##i##3 = _mm256_mul_ps(_mm256_loadu_ps(acc##i + 24), al##i);
+  const __m256 zero = _mm256_setzero_ps();
+#define TW_LOAD(i)                                                                       \
+  float* acc##i = w.acc.data() + (r0 + i) * D + c0;                                      \
+  __m256 a##i##0 = zero, a##i##1 = zero, a##i##2 = zero, a##i##3 = zero;                 \
+  if constexpr (!First) {                                                                \
+    const __m256 al##i = _mm256_broadcast_ss(w.alpha.data() + r0 + i);                   \
+    a##i##0 = _mm256_mul_ps(_mm256_loadu_ps(acc##i), al##i);                             \
+    a##i##1 = _mm256_mul_ps(_mm256_loadu_ps(acc##i + 8), al##i);                         \
+    a##i##2 = _mm256_mul_ps(_mm256_loadu_ps(acc##i + 16), al##i);                        \
+    a##i##3 = _mm256_mul_ps(_mm256_loadu_ps(acc##i + 24), al##i);                        \
+  }
   TW_FOR3(TW_LOAD)
 #undef TW_LOAD
   const float* p = w.scores.data() + r0;
@@ -273,15 +284,21 @@ inline void value_tile(Work& w, int64_t nk, int64_t r0, int64_t c0) {
 }
 #undef TW_FOR3
 
-void tile_values_avx2(Work& w, int64_t nk, int64_t r0) {
-  for (int64_t r = r0; r < w.rows; r += 3)
-    for (int64_t c = 0; c < w.D; c += 32) value_tile(w, nk, r, c);
+void tile_values_avx2(Work& w, int64_t nk, int64_t r0, int64_t r1, bool first) {
+  for (int64_t r = r0; r < r1; r += 3)
+    for (int64_t c = 0; c < w.D; c += 32) {
+      if (first) {
+        value_tile<true>(w, nk, r, c);
+      } else {
+        value_tile<false>(w, nk, r, c);
+      }
+    }
 }
 
 // The running softmax of tile_softmax, eight rows to a vector.
-void tile_softmax_avx2(Work& w, int64_t nk, int64_t r0) {
+void tile_softmax_avx2(Work& w, int64_t nk, int64_t r0, int64_t r1) {
   const int64_t R = w.rows;
-  for (int64_t r = r0; r < R; r += 8) {
+  for (int64_t r = r0; r < r1; r += 8) {
     const __m256 m_old = _mm256_loadu_ps(w.m.data() + r);
     __m256 mt = m_old;
     for (int64_t n = 0; n < nk; ++n) mt = _mm256_max_ps(mt, _mm256_loadu_ps(w.scores.data() + n * R + r));
@@ -298,17 +315,50 @@ void tile_softmax_avx2(Work& w, int64_t nk, int64_t r0) {
     _mm256_storeu_ps(w.m.data() + r, mt);
   }
 }
+
+// qt[d][r] = row(r)[d] * scale for rows 0..rows-1 (rows a multiple of 8; a null row is zeros), eight
+// rows by eight dimensions at a time through an 8 x 8 transpose in registers: the scalar loop's
+// stores, each to another cache line, took a seventh of the kernel's time on short prompts.
+template <typename RowFn>
+void transpose_queries(const RowFn& row, int64_t rows, int64_t D, int64_t R, float scale, float* qt) {
+  const __m256 s = _mm256_set1_ps(scale), zero = _mm256_setzero_ps();
+  for (int64_t r8 = 0; r8 < rows; r8 += 8) {
+    decltype(row(0)) src[8];
+    for (int j = 0; j < 8; ++j) src[j] = row(r8 + j);
+    for (int64_t d = 0; d < D; d += 8) {
+      __m256 v[8];
+      for (int j = 0; j < 8; ++j) v[j] = src[j] != nullptr ? _mm256_mul_ps(tw::load8(src[j] + d), s) : zero;
+      const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float* out = qt + d * R + r8;
+      _mm256_storeu_ps(out + 0 * R, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(out + 1 * R, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(out + 2 * R, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(out + 3 * R, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(out + 4 * R, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(out + 5 * R, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(out + 6 * R, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(out + 7 * R, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+  }
+}
 #endif
 
 // Scores of keys the rows must not see (past their position) become kMasked. Only tiles that reach
 // past the first active row's position need it.
-void mask_tile(Work& w, int64_t t0, int64_t nk, int64_t r0) {
+void mask_tile(Work& w, int64_t t0, int64_t nk, int64_t r0, int64_t r1) {
   const int64_t R = w.rows;
   for (int64_t n = 0; n < nk; ++n) {
     const float key_pos = static_cast<float>(t0 + n);
     float* s = w.scores.data() + n * R;
 #pragma omp simd
-    for (int64_t r = r0; r < R; ++r) s[r] = key_pos > w.pos[r] ? kMasked : s[r];
+    for (int64_t r = r0; r < r1; ++r) s[r] = key_pos > w.pos[r] ? kMasked : s[r];
   }
 }
 
@@ -318,21 +368,35 @@ void run_task(const Task& task, const Chunk& chunk, const TQ* q, const TC* k_cac
               int64_t num_q_heads, int64_t num_kv_heads, int64_t group, int64_t block_size, float scale, Work& w) {
   const int64_t D = w.D, R = w.rows;
   const int64_t real_rows = (task.i1 - task.i0) * group;
+  // Rows past the task's real ones are padding up to whole score tiles; the rest of w.rows is not read.
+  const int64_t used_rows = (real_rows + kRowAlign - 1) / kRowAlign * kRowAlign;
   const int64_t h0 = task.kv_head * group;
   // Queries, scaled and transposed; padding rows are zero queries at the last query's position.
-  for (int64_t r = 0; r < R; ++r) {
-    const bool real = r < real_rows;
-    const int64_t i = real ? task.i0 + r / group : task.i1 - 1;
-    w.pos[r] = static_cast<float>(chunk.ctx0 + i);
-    const TQ* qr = q + ((chunk.q_start + i) * num_q_heads + h0 + r % group) * D;
-    for (int64_t d = 0; d < D; ++d) w.qt[d * R + r] = real ? to_float(qr[d]) * scale : 0.f;
+  const auto query_row = [&](int64_t r) -> const TQ* {
+    return r < real_rows ? q + ((chunk.q_start + task.i0 + r / group) * num_q_heads + h0 + r % group) * D : nullptr;
+  };
+  for (int64_t r = 0; r < used_rows; ++r)
+    w.pos[r] = static_cast<float>(chunk.ctx0 + (r < real_rows ? task.i0 + r / group : task.i1 - 1));
+  int64_t transposed = 0;
+#ifdef TW_AVX2
+  if (D % 8 == 0) {
+    transpose_queries(query_row, used_rows, D, R, scale, w.qt.data());
+    transposed = used_rows;
+  }
+#endif
+  for (int64_t r = transposed; r < used_rows; ++r) {
+    const TQ* qr = query_row(r);
+    for (int64_t d = 0; d < D; ++d) w.qt[d * R + r] = qr != nullptr ? to_float(qr[d]) * scale : 0.f;
   }
   std::fill(w.m.begin(), w.m.end(), kMasked);
   std::fill(w.l.begin(), w.l.end(), 0.f);
-  std::fill(w.acc.begin(), w.acc.end(), 0.f);
 #ifdef TW_AVX2
   const bool vectorized = D % 32 == 0;
+#else
+  const bool vectorized = false;
 #endif
+  // NOTE: the vectorized path's first key tile writes every used row's acc without reading it.
+  if (!vectorized) std::fill(w.acc.begin(), w.acc.begin() + used_rows * D, 0.f);
   const int64_t end = chunk.ctx0 + task.i1;  // keys 0..end-1
   for (int64_t t0 = 0; t0 < end; t0 += kKeyTile) {
     const int64_t nk = std::min(kKeyTile, end - t0);
@@ -344,17 +408,22 @@ void run_task(const Task& task, const Chunk& chunk, const TQ* q, const TC* k_cac
               w.values.data());
 #ifdef TW_AVX2
     if (vectorized) {
-      tile_scores_avx2(w, nk, r0);
-      if (t0 + nk - 1 > w.pos[r0]) mask_tile(w, t0, nk, r0);
-      tile_softmax_avx2(w, nk, r0);
-      tile_values_avx2(w, nk, r0);
+      // One score tile of rows at a time, through the keys its last row sees: keys past that are
+      // masked for every row of it, and would only add exact zeros to its sums.
+      for (int64_t rb = r0; rb < used_rows; rb += kRowAlign) {
+        const int64_t nkb = std::min<int64_t>(nk, static_cast<int64_t>(w.pos[rb + kRowAlign - 1]) - t0 + 1);
+        tile_scores_avx2(w, nkb, rb, rb + kRowAlign);
+        if (t0 + nkb - 1 > w.pos[rb]) mask_tile(w, t0, nkb, rb, rb + kRowAlign);
+        tile_softmax_avx2(w, nkb, rb, rb + kRowAlign);
+        tile_values_avx2(w, nkb, rb, rb + kRowAlign, t0 == 0);
+      }
       continue;
     }
 #endif
-    tile_scores(w, nk, r0);
-    if (t0 + nk - 1 > w.pos[r0]) mask_tile(w, t0, nk, r0);
-    tile_softmax(w, nk, r0);
-    tile_values(w, nk, r0);
+    tile_scores(w, nk, r0, used_rows);
+    if (t0 + nk - 1 > w.pos[r0]) mask_tile(w, t0, nk, r0, used_rows);
+    tile_softmax(w, nk, r0, used_rows);
+    tile_values(w, nk, r0, used_rows);
   }
   for (int64_t r = 0; r < real_rows; ++r) {
     TQ* o = out + ((chunk.q_start + task.i0 + r / group) * num_q_heads + h0 + r % group) * D;
