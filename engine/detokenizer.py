@@ -48,7 +48,7 @@ class IncrementalDetokenizer:
 
     The promise: the concatenation of every ``add_tokens(...).text`` and ``finish()`` equals
     ``tokenizer.decode(all_token_ids, skip_special_tokens)``, cut just before the first stop
-    string when one matched.
+    string when one matched (the first in text of watched tokens: see ``add_tokens``).
     """
 
     def __init__(
