@@ -38,7 +38,7 @@ def settings_from_env(env: dict[str, str]) -> Settings:
 
 def test_every_yaml_file_parses() -> None:
     files = sorted(DEPLOY.rglob("*.yaml"))
-    assert len(files) >= 8
+    assert len(files) >= 7
     for path in files:
         assert documents(path), path
 
@@ -74,8 +74,23 @@ def test_deployment_probes_ports_grace_and_secret(k8s: dict[tuple[str, str], dic
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     [auth_volume] = [name for name, path in mounts.items() if path == token_dir]
-    secret = k8s[("Secret", volumes[auth_volume]["secret"]["secretName"])]
-    assert env["TOKENWIRE_AUTH_TOKEN_FILE"].rsplit("/", 1)[1] in secret["stringData"]
+    # The Secret is generated from a token file the operator writes: its name is the one mounted
+    # (no hash suffix) and its key the file name the server reads.
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    [generated] = [g for g in kustomization["secretGenerator"] if g["name"] == volumes[auth_volume]["secret"]["secretName"]]
+    assert generated["options"]["disableNameSuffixHash"] is True
+    keys = [entry.split("=", 1)[0] for entry in generated["files"]]
+    assert keys == [env["TOKENWIRE_AUTH_TOKEN_FILE"].rsplit("/", 1)[1]]
+
+
+def test_no_token_ships_with_the_manifests() -> None:
+    """A token in the repository would be one every reader knows: the generator's file is the
+    operator's, kept out of git, and no manifest carries a Secret of its own."""
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    files = [entry.split("=", 1)[1] for g in kustomization["secretGenerator"] for entry in g["files"]]
+    ignored = (DEPLOY.parent / ".gitignore").read_text().split()
+    assert all(f"/deploy/kubernetes/{name}" in ignored for name in files)
+    assert all(doc["kind"] != "Secret" for path in K8S.glob("*.yaml") for doc in documents(path) if "kind" in doc)
 
 
 def test_services_select_the_pods(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
