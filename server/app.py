@@ -84,7 +84,7 @@ class TokenwireServer:
         self._request_log = RequestLog(log_content=settings.log_requests_content)
         # NOTE: the metrics read engine stats through the servicer, which attaches the engine later.
         self.metrics = ServerMetrics(lambda: self.servicer.engine_stats())
-        self.servicer = GenerationServicer(self._request_log, self.metrics)
+        self.servicer = GenerationServicer(self._request_log, self.metrics, max_calls=settings.max_concurrent_rpcs)
         self.health = health.aio.HealthServicer()
         self._pending_engine = engine
         self._server: aio.Server | None = None
@@ -108,11 +108,8 @@ class TokenwireServer:
         settings = self.settings
         token = load_token(settings.auth_token, settings.auth_token_file)
         interceptors = [BearerTokenInterceptor(token)] if token is not None else []
-        server = aio.server(
-            interceptors=interceptors,
-            options=server_options(settings),
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-        )
+        # NOTE: max_concurrent_rpcs is the servicer's to count (health and reflection stay free).
+        server = aio.server(interceptors=interceptors, options=server_options(settings))
         pb_grpc.add_GenerationServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, NoReturn
 
+import grpc
 from grpc import aio
 
 from tokenwire.client.v1 import generation_pb2 as pb
@@ -40,6 +42,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         request_log: writes one line per finished request.
         metrics: request histograms and counters (None: not kept).
         engine: the engine, if already loaded; otherwise `attach_engine` later.
+        max_calls: most of this service's calls at once (Generate streams, Tokenize, GetModelInfo);
+            more get RESOURCE_EXHAUSTED. None: no limit.
     """
 
     def __init__(
@@ -47,8 +51,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         request_log: RequestLog,
         metrics: ServerMetrics | None = None,
         engine: AsyncEngine | None = None,
+        max_calls: int | None = None,
     ) -> None:
         self._engine = engine
+        # NOTE: counted here rather than by grpc's maximum_concurrent_rpcs, which counts health
+        # checks and reflection too: with every slot held by a client's long-lived Generate
+        # stream, the kubelet's probes were refused and a working pod restarted.
+        self._max_calls = max_calls
+        self._calls = 0
         self._request_log = request_log
         self._metrics = metrics
         self._draining = False
@@ -125,17 +135,18 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if unready is not None:
             await refuse_request_stream(request_iterator, context, status_code_for(unready), str(unready))
         engine = await self._ready_engine(context)
-        stream_id = f"{self._stream_prefix}-{next(self._stream_numbers)}"
-        stream = GenerateStream(engine, stream_id, context.peer(), self._metrics, self._request_log)
-        self._streams.add(stream)
-        if self._metrics is not None:
-            self._metrics.streams_open.inc()
-        try:
-            await stream.run(request_iterator, context)
-        finally:
-            self._streams.discard(stream)
+        async with self._call_slot(context, request_iterator):
+            stream_id = f"{self._stream_prefix}-{next(self._stream_numbers)}"
+            stream = GenerateStream(engine, stream_id, context.peer(), self._metrics, self._request_log)
+            self._streams.add(stream)
             if self._metrics is not None:
-                self._metrics.streams_open.dec()
+                self._metrics.streams_open.inc()
+            try:
+                await stream.run(request_iterator, context)
+            finally:
+                self._streams.discard(stream)
+                if self._metrics is not None:
+                    self._metrics.streams_open.dec()
 
     async def Tokenize(  # noqa: N802 - the proto's method name
         self,
@@ -144,13 +155,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> pb.TokenizeResponse:
         """Token ids of a text or a chat."""
         engine = await self._ready_engine(context)
-        try:
-            text, messages = tokenize_input_from_pb(request)
-            # NOTE: a long text takes a while to tokenize; keep the event loop serving meanwhile.
-            ids = await asyncio.to_thread(engine.tokenize, text=text, messages=messages)
-        except EngineError as exc:
-            await _abort(context, exc)
-        return pb.TokenizeResponse(token_ids=ids)
+        async with self._call_slot(context):
+            try:
+                text, messages = tokenize_input_from_pb(request)
+                # NOTE: a long text takes a while to tokenize; keep the event loop serving meanwhile.
+                ids = await asyncio.to_thread(engine.tokenize, text=text, messages=messages)
+            except EngineError as exc:
+                await _abort(context, exc)
+            return pb.TokenizeResponse(token_ids=ids)
 
     async def GetModelInfo(  # noqa: N802 - the proto's method name
         self,
@@ -159,7 +171,28 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> pb.GetModelInfoResponse:
         """Describe the served model and the KV cache."""
         engine = await self._ready_engine(context)
-        return model_info_to_pb(engine.model_info)
+        async with self._call_slot(context):
+            return model_info_to_pb(engine.model_info)
+
+    @contextlib.asynccontextmanager
+    async def _call_slot(
+        self, context: aio.ServicerContext, requests: AsyncIterator[pb.GenerateRequest] | None = None
+    ) -> AsyncIterator[None]:
+        """Hold one of the max_calls slots for the call's life; at the limit, end the call with
+        RESOURCE_EXHAUSTED (a request stream's after its first message, see refuse_request_stream)."""
+        if self._max_calls is not None and self._calls >= self._max_calls:
+            details = (
+                f"the server is at its limit of {self._max_calls} concurrent calls "
+                "(max_concurrent_rpcs); retry later or on another replica"
+            )
+            if requests is not None:
+                await refuse_request_stream(requests, context, grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+        self._calls += 1
+        try:
+            yield
+        finally:
+            self._calls -= 1
 
     def _unready_error(self) -> ServerUnavailableError | None:
         """Why no call can be served now (draining, or the model still loading), or None."""

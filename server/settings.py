@@ -54,7 +54,8 @@ class Settings:
         log_requests_content: also log prompts and outputs (off by default: they may be private).
         grace_period: seconds open requests get to finish after SIGTERM/SIGINT.
         max_message_size: largest gRPC message, in bytes, in either direction.
-        max_concurrent_rpcs: most RPCs served at once (more get RESOURCE_EXHAUSTED); None: no limit.
+        max_concurrent_rpcs: most GenerationService calls at once (Generate streams, Tokenize,
+            GetModelInfo; more get RESOURCE_EXHAUSTED; health and reflection are not counted); None: no limit.
         max_connection_age: seconds after which a connection is asked to reconnect (spreads
             long-lived clients over replicas behind a load balancer); None: never.
         max_connection_age_grace: seconds open calls keep running on a connection past its age.

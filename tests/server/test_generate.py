@@ -237,3 +237,40 @@ def test_speculative_engine_streams_the_same_greedy_tokens(
     assert [t for m in messages for t in m.token_ids] == want
     assert final.usage.completion_tokens == 24
     assert accepted > 0  # the drafts were used, and the tokens are the same
+
+
+def test_the_call_limit_counts_generation_calls_and_never_health_checks(
+    start_server: Callable[..., Any], conversation: Callable[..., Any], wait_for: Callable[..., None]
+) -> None:
+    """--max-concurrent-rpcs 1: an open Generate stream holds the one slot for its whole life, so
+    other calls get RESOURCE_EXHAUSTED; health checks (the kubelet's probes) are still answered."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    running = start_server(max_concurrent_rpcs=1)
+    with grpc.insecure_channel(running.address) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        first = conversation(on=stub)
+        first.send("a", text="Hello", max_tokens=2, sampling=GREEDY)
+        first.read_until(lambda r: r.finish_reason != pb.FINISH_REASON_UNSPECIFIED)  # the stream stays open
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit of 1 concurrent calls" in refused.value.details()
+        second = conversation(on=stub)
+        second.send("b", text="Hello", max_tokens=2, sampling=GREEDY)
+        with pytest.raises(grpc.RpcError) as refused_stream:
+            second.read_all()
+        assert refused_stream.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for _ in range(3):
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        first.half_close()
+        first.read_all()
+
+        def served() -> bool:
+            try:
+                return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30).vocab_size > 0
+            except grpc.RpcError:
+                return False
+
+        wait_for(served, what="the slot to be given back when the stream ended")
