@@ -120,22 +120,33 @@ class AsyncEngine:
         the typed error. Leaving the loop early (or cancelling the task) aborts the request.
         """
         rid = request.request_id
-        try:
-            if self._dead is not None:
-                raise self._dead
-            if self._thread is None:
-                raise EngineDeadError("the engine is not started")
-            if any(not c.abandoned for c in self._collectors.get(rid, ())):
-                raise DuplicateRequestError(f"request_id {rid!r} is already in use by an open request")
-            seq = self.core.make_sequence(request)
-        except EngineError as e:
-            yield RequestOutput(rid, finish_reason=FinishReason.ERROR, error=e)
+        refusal: EngineError | None = None
+        if self._dead is not None:
+            refusal = self._dead
+        elif self._thread is None:
+            refusal = EngineDeadError("the engine is not started")
+        elif any(not c.abandoned for c in self._collectors.get(rid, ())):
+            refusal = DuplicateRequestError(f"request_id {rid!r} is already in use by an open request")
+        if refusal is not None:
+            yield RequestOutput(rid, finish_reason=FinishReason.ERROR, error=refusal)
             return
+        # NOTE: the id is claimed before the prompt is tokenized, since that waits on a thread: a
+        # second request with the same id meanwhile is refused, not routed this one's outputs.
         collector = RequestCollector()
         self._collectors.setdefault(rid, []).append(collector)
-        finished = False
+        submitted = finished = False
         try:
+            try:
+                # NOTE: off the event loop: a prompt of megabytes (or a long chat template) takes
+                # long enough to tokenize to hold up every other stream's tokens and the health checks.
+                seq = await asyncio.to_thread(self.core.make_sequence, request)
+            except EngineError as e:
+                self._drop_collector(rid, collector)
+                finished = True
+                yield RequestOutput(rid, finish_reason=FinishReason.ERROR, error=e)
+                return
             self._submit(("add", seq))
+            submitted = True
             while not finished:
                 out = await collector.get()
                 finished = out.finished
@@ -145,8 +156,19 @@ class AsyncEngine:
             # it has arrived (unread), there is nothing to cancel, and an abort by id could hit a
             # newer request under the same id.
             if not finished and collector in self._collectors.get(rid, ()):
-                collector.abandoned = True
-                self.abort(rid)
+                if submitted:
+                    collector.abandoned = True
+                    self.abort(rid)
+                else:  # the reader left while the prompt was being tokenized: nothing reached the engine
+                    self._drop_collector(rid, collector)
+
+    def _drop_collector(self, rid: str, collector: RequestCollector) -> None:
+        # Forgets a collector whose request never reached the engine (no output will come for it).
+        queue = self._collectors.get(rid)
+        if queue is not None and collector in queue:
+            queue.remove(collector)
+            if not queue:
+                del self._collectors[rid]
 
     # ---- engine thread ---------------------------------------------------------------------
 

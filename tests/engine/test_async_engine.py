@@ -124,3 +124,28 @@ def test_a_failed_step_ends_every_stream_with_the_error(run_engine: Runner) -> N
     for outs in run_engine(scenario):
         assert outs[-1].finish_reason is FinishReason.ERROR
         assert "engine step failed: RuntimeError: injected fault" in str(outs[-1].error)
+
+
+def test_prompts_are_tokenized_off_the_event_loop(run_engine: Runner) -> None:
+    """A long prompt's tokenization must not hold up the loop (every stream's tokens, health
+    checks); a request refused there leaves its id free."""
+
+    async def scenario(engine: AsyncEngine) -> tuple[threading.Thread, list[threading.Thread], list[list[RequestOutput]]]:
+        tokenizer = engine.core.tokenizer
+        encode, threads = tokenizer.encode, []
+
+        def recording_encode(*args: Any, **kwargs: Any) -> list[int]:
+            threads.append(threading.current_thread())
+            return encode(*args, **kwargs)
+
+        tokenizer.encode = recording_encode  # type: ignore[method-assign]
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        answered = await collect(engine, GenerationRequest("t", prompt="Hello there " * 100, params=params))
+        refused = await collect(engine, GenerationRequest("t", prompt="", params=params))
+        again = await collect(engine, GenerationRequest("t", prompt="Hello", params=params))
+        return threading.current_thread(), threads, [answered, refused, again]
+
+    loop_thread, threads, (answered, refused, again) = run_engine(scenario)
+    assert len(threads) == 3 and loop_thread not in threads
+    assert answered[-1].finish_reason is FinishReason.LENGTH and again[-1].finish_reason is FinishReason.LENGTH
+    assert refused[-1].finish_reason is FinishReason.ERROR and "prompt is empty" in str(refused[-1].error)
