@@ -16,6 +16,7 @@ from tokenwire.client.config import DEFAULT, ClientConfig, ClientOptions, Timeou
 from tokenwire.client.convert import (
     MessageLike,
     PromptInput,
+    check_message_size,
     generate_request,
     health_status,
     model_info_from_pb,
@@ -121,6 +122,7 @@ class AsyncClient:
         Raises:
             ValueError: a bad prompt or timeout. TypeError: an unknown sampling argument.
             AlreadyExistsError: request_id is in use. ClientClosedError: the client is closed.
+            InvalidArgumentError: the request is larger than ``max_message_size``.
         """
         if self._closed:
             raise ClientClosedError("the client is closed")
@@ -131,6 +133,7 @@ class AsyncClient:
             messages=messages,
             sampling=sampling,
         )
+        check_message_size(request, self.config.max_message_size, request.request_id)
         pending = PendingRequest(request, timeout=self.config.resolve_timeout(timeout))
         self._mux.submit(pending)
         return AsyncGeneration(self._mux, pending)
@@ -238,6 +241,7 @@ class AsyncClient:
         """
         request = pb.TokenizeRequest()
         set_prompt(request, prompt, None, messages)
+        check_message_size(request, self.config.max_message_size)
         response = await self._unary(
             lambda r, t: r.stub(self.config).Tokenize(request, timeout=t, metadata=self._metadata), timeout
         )

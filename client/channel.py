@@ -114,6 +114,8 @@ def channel_options(config: ClientConfig, endpoint: Endpoint) -> list[tuple[str,
         ("grpc.primary_user_agent", USER_AGENT),
         ("grpc.max_reconnect_backoff_ms", int(config.max_reconnect_backoff_s * 1000)),
         ("grpc.initial_reconnect_backoff_ms", min(1000, int(config.max_reconnect_backoff_s * 1000))),
+        ("grpc.max_send_message_length", config.max_message_size),
+        ("grpc.max_receive_message_length", config.max_message_size),
     ]
     if config.keepalive.time_s > 0:
         options += [

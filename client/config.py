@@ -143,6 +143,9 @@ class ClientConfig:
             as concurrent requests need them. One stream carries any number of requests.
         max_reconnect_backoff_s: the longest wait between attempts to reconnect to a server.
         dns_refresh_s: seconds between lookups of a `dns:///` name (replicas come and go).
+        max_message_size: largest message, in bytes, sent or received; as the server's
+            `--max-message-size` (4 MiB by default). A larger request is refused here with
+            `InvalidArgumentError`: sent, it would end the whole Generate stream it shares.
         channel_options: extra raw gRPC channel arguments, applied last.
     """
 
@@ -155,6 +158,7 @@ class ClientConfig:
     streams_per_server: int = 1
     max_reconnect_backoff_s: float = 5.0
     dns_refresh_s: float = 30.0
+    max_message_size: int = 4 * 1024 * 1024
     channel_options: tuple[tuple[str, str | int], ...] = ()
 
     def __post_init__(self) -> None:
@@ -177,6 +181,8 @@ class ClientConfig:
             raise ValueError(f"dns_refresh_s must be > 0, got {self.dns_refresh_s}")
         if not 0 < self.max_reconnect_backoff_s < math.inf:
             raise ValueError(f"max_reconnect_backoff_s must be > 0, got {self.max_reconnect_backoff_s}")
+        if self.max_message_size < 1024:
+            raise ValueError(f"max_message_size must be >= 1024 bytes, got {self.max_message_size}")
         object.__setattr__(self, "channel_options", tuple(tuple(o) for o in self.channel_options))
 
     def resolve_timeout(self, timeout: TimeoutArg) -> float | None:
@@ -204,4 +210,5 @@ class ClientOptions(TypedDict, total=False):
     streams_per_server: int
     max_reconnect_backoff_s: float
     dns_refresh_s: float
+    max_message_size: int
     channel_options: tuple[tuple[str, str | int], ...]

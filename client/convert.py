@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
-from tokenwire.client.errors import TokenwireError, error_from_code
+from google.protobuf.message import Message
+
+from tokenwire.client.errors import InvalidArgumentError, TokenwireError, error_from_code
 from tokenwire.client.types import (
     ChatMessage,
     FinishReason,
@@ -190,3 +192,21 @@ def model_info_from_pb(response: pb.GetModelInfoResponse) -> ModelInfo:
 def health_status(number: int) -> HealthStatus:
     """The `HealthStatus` for a grpc.health.v1 `ServingStatus` number."""
     return _HEALTH.get(number, HealthStatus.UNKNOWN)
+
+
+def check_message_size(message: Message, limit: int, request_id: str | None = None) -> None:
+    """Refuse a request larger than the message limit before it is sent.
+
+    Sent, the server (or this client's channel) would end the call with RESOURCE_EXHAUSTED: on a
+    shared Generate stream, every request open on it, and a retry would only do it again.
+
+    Raises:
+        InvalidArgumentError: the message is larger than ``limit`` bytes.
+    """
+    size = message.ByteSize()
+    if size > limit:
+        raise InvalidArgumentError(
+            f"the request is {size} bytes, over the {limit}-byte message limit (max_message_size here "
+            "and the server's --max-message-size); send a shorter prompt or raise both limits",
+            request_id=request_id,
+        )

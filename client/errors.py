@@ -33,7 +33,7 @@ class TokenwireError(Exception):
 
 
 class CancelledError(TokenwireError):
-    """The request was cancelled (by the server, e.g. on shutdown, or through the client)."""
+    """The call was cancelled (on the server's side; a server shutting down answers UNAVAILABLE instead)."""
 
     code = grpc.StatusCode.CANCELLED
 
@@ -85,7 +85,7 @@ OverloadedError = ResourceExhaustedError
 
 
 class FailedPreconditionError(TokenwireError):
-    """The server is not in a state to run the call (e.g. no chat template for a chat prompt)."""
+    """The server is not in a state to run the call."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 

@@ -261,6 +261,28 @@ def test_server_errors_map_to_typed_exceptions(servers: dict[str, ServerProcess]
             assert client.health() is HealthStatus.SERVING  # probes need no token
 
 
+def test_an_oversized_request_fails_alone_and_its_stream_goes_on(
+    servers: dict[str, ServerProcess], options: dict[str, object]
+) -> None:
+    """Over the message limit, a request is refused before it is sent: sent, it would end the
+    Generate stream it shares (every request on it) with RESOURCE_EXHAUSTED, and be retried."""
+    huge = "x" * (4 * 1024 * 1024)
+
+    async def main() -> None:
+        async with AsyncClient(servers["r1"].target, **options) as client:  # type: ignore[arg-type]
+            running = client.generate("Once upon a time", **{**SHORT, "max_tokens": 12})
+            chunks = [await running.__anext__()]
+            with pytest.raises(InvalidArgumentError, match="message limit"):
+                client.generate(huge, **SHORT)
+            with pytest.raises(InvalidArgumentError, match="message limit"):
+                await client.tokenize(huge)
+            chunks += [chunk async for chunk in running]
+            assert chunks[-1].finish_reason is FinishReason.LENGTH
+            assert sum(len(c.token_ids) for c in chunks) == 12
+
+    asyncio.run(main())
+
+
 def test_mutual_tls_and_the_cli(
     servers: dict[str, ServerProcess], certs: dict[str, Path], options: dict[str, object],
     capsys: pytest.CaptureFixture[str],
