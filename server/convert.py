@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import grpc
 
 from tokenwire.client.v1 import generation_pb2 as pb
@@ -63,6 +65,24 @@ def finish_reason_label(reason: FinishReason | None) -> str:
     return "unfinished" if reason is None else reason.value
 
 
+_FLOAT_FIELDS = frozenset({"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"})
+
+
+def float32_decimal(value: float) -> float:
+    """The shortest decimal that a proto float field holding ``value`` was sent as.
+
+    The proto's floats are 32-bit: 0.01 arrives as 0.0099999998, under the range's documented
+    floor of 0.01, and would be refused. The shortest decimal that rounds to the same float32 is
+    the number the client wrote.
+    """
+    bits = struct.pack("<f", value)
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if struct.pack("<f", candidate) == bits:
+            return candidate
+    return value
+
+
 def sampling_params_from_pb(request: pb.GenerateRequest) -> SamplingParams:
     """Build validated SamplingParams from a GenerateRequest; unset fields keep the engine's defaults.
 
@@ -71,7 +91,7 @@ def sampling_params_from_pb(request: pb.GenerateRequest) -> SamplingParams:
     """
     sampling = request.sampling
     kwargs: dict[str, object] = {
-        name: getattr(sampling, name)
+        name: float32_decimal(getattr(sampling, name)) if name in _FLOAT_FIELDS else getattr(sampling, name)
         for name in (
             "temperature",
             "top_k",

@@ -54,6 +54,20 @@ def test_set_fields_are_carried() -> None:
     assert p.logprobs is True and p.top_logprobs == 3
 
 
+def test_float_fields_arrive_as_the_decimals_sent() -> None:
+    """The proto's floats are 32-bit: the documented floor 0.01 arrives as 0.0099999998 and must
+    still be accepted, and every value is the decimal the client wrote."""
+    sampling = pb.SamplingParams(temperature=0.7, top_p=0.95, min_p=0.05, repetition_penalty=0.01,
+                                 presence_penalty=-2.0, frequency_penalty=1.1)
+    assert sampling.repetition_penalty < 0.01  # what the wire holds
+    p = sampling_params_from_pb(make_request(sampling=sampling))
+    assert (p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty) == (
+        0.7, 0.95, 0.05, 0.01, -2.0, 1.1,
+    )
+    with pytest.raises(InvalidRequestError, match="repetition_penalty"):
+        sampling_params_from_pb(make_request(sampling=pb.SamplingParams(repetition_penalty=0.0099)))
+
+
 def test_explicit_zero_max_tokens_is_rejected_not_ignored() -> None:
     with pytest.raises(InvalidRequestError, match="max_tokens"):
         sampling_params_from_pb(make_request(max_tokens=0))
