@@ -46,10 +46,13 @@ using tw::to_float;
 constexpr int64_t kKeyTile = 64;
 // Rows (query tokens x the query heads of one KV head) per task: enough rows that a tile's keys,
 // converted once, serve many of them, few enough that the task's buffers stay in L2.
-// NOTE: against tiles of 32 or 128 keys and tasks of 48 or 192 rows, built side by side and
-// alternated on the default model's chunks (fresh prompts of 32-1,024 tokens, 976 tokens after
-// 1,024, tails of 32-128 tokens after 1,536), 64 and 96 were the fastest or within 1.5% in each.
-constexpr int64_t kTaskRows = 96;
+// NOTE: every task reads all the keys and values its queries see, so long contexts want many
+// rows; once tasks stopped computing their padding rows (only whole score tiles of them), 192
+// rows (64 queries of a 3-head group) against 96, alternating on 30 layers' pools: 1.02x on 14
+// fresh prompts of 32-256 tokens, 1.09x on one prompt of 1,600, 1.17x on 14 chunks after 1,536
+// tokens each. 288 rows: 0.96x and 0.97x of 192 on the first and last. (Before that change, 64
+// and 96 had been the fastest against 48 and 192, with key tiles of 32 and 128 no better.)
+constexpr int64_t kTaskRows = 192;
 // Rows are padded to a multiple of the score tile's 24 rows (three vectors).
 constexpr int64_t kRowAlign = 24;
 // The score of a key a row must not see, and a row's maximum before its first key. Finite, since
