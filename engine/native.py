@@ -20,7 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCE_DIR = Path(__file__).with_name("csrc")
-_ABI_VERSION = 9
+_ABI_VERSION = 10
 # Element-type codes of the C entry points: the kernels compute in float32 and take tensors of
 # these types; a KV cache may also be float16 (a float32 or bfloat16 model's narrower cache).
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
@@ -188,6 +188,7 @@ def _library() -> ctypes.CDLL | None:
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, i32
         lib.tw_argmax_rows.argtypes, lib.tw_argmax_rows.restype = [p, i64, i64, i64, p, i32], None
+        lib.tw_quant_vector_bits.argtypes, lib.tw_quant_vector_bits.restype = [], i32
         lib.tw_quant_row_bytes.argtypes, lib.tw_quant_row_bytes.restype = [i32, i64], i64
         lib.tw_quant_packed_bytes.argtypes, lib.tw_quant_packed_bytes.restype = [i32, i64, i64], i64
         lib.tw_decoder_stack_scratch.argtypes, lib.tw_decoder_stack_scratch.restype = [i64] * 5, i64
@@ -555,6 +556,13 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0], dtype=torch.int64)
     lib.tw_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def quant_vector_bits() -> int:
+    """The widest vectors ``quant_linear`` multiplies with on this CPU, in bits: 512 (its AVX-512
+    variants), 256 (AVX2) or 0 (the portable loops, or no kernels at all)."""
+    lib = _library()
+    return 0 if lib is None else int(lib.tw_quant_vector_bits())
 
 
 def quant_row_bytes(ggml_type: int, in_features: int) -> int:

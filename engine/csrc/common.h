@@ -10,6 +10,11 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define TW_AVX2 1
+// AVX-512 variants of the hottest kernels, compiled for that level by GCC's target pragma and
+// chosen at run time (tw::has_avx512), so that one build serves CPUs with and without it.
+#if defined(__GNUC__) && !defined(__clang__) && !defined(TW_NO_AVX512)
+#define TW_AVX512 1
+#endif
 #endif
 
 namespace tw {
@@ -50,6 +55,16 @@ inline float half_to_float(uint16_t h) {
   return f;
 #endif
 }
+
+#ifdef TW_AVX512
+// Whether this CPU (and its operating system) runs the AVX-512 variants: foundation, byte/word,
+// doubleword/quadword and vector-length extensions, as x86-64-v4 has them.
+inline bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return yes;
+}
+#endif
 
 inline float to_float(float x) { return x; }
 inline float to_float(uint16_t x) {

@@ -1,5 +1,5 @@
 """Fixtures shared by the engine tests: a tiny random model with the default model's tokenizer, and the
-native kernels' portable build."""
+native kernels' portable and AVX2-only builds."""
 
 from __future__ import annotations
 
@@ -46,3 +46,18 @@ def portable_kernels(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
         patch.setenv("TOKENWIRE_KERNEL_DIR", str(tmp_path_factory.mktemp("portable-kernels")))
         patch.setattr(native, "compile_flags", lambda: flags)
         return ctypes.CDLL(str(native.build()))
+
+
+@pytest.fixture(scope="session")
+def avx2_kernels(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    """The native kernels built without their AVX-512 variants, on a CPU that runs them: the AVX2
+    paths that a CPU without AVX-512 gets, loaded from a folder of their own."""
+    if native.quant_vector_bits() != 512:
+        pytest.skip("this CPU (or this build) does not run the AVX-512 variants")
+    flags = [*native.compile_flags(), "-DTW_NO_AVX512"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TOKENWIRE_KERNEL_DIR", str(tmp_path_factory.mktemp("avx2-kernels")))
+        patch.setattr(native, "compile_flags", lambda: flags)
+        lib = ctypes.CDLL(str(native.build()))
+    assert lib.tw_quant_vector_bits() == 256
+    return lib

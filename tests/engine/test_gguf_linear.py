@@ -88,13 +88,13 @@ def test_matches_f_linear_on_the_dequantized_matrix(qtype: Q, rows: int) -> None
 
 @pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
 def test_a_row_gives_the_same_bits_alone_and_in_any_batch(qtype: Q) -> None:
-    # Up to 6 rows use the weights as they unpack, more an unpacked copy, and more than fit in L2
-    # pass over the weights in chunks; every path sums the same products in the same order, so a
-    # sequence's logits do not depend on its batch companions.
+    # Up to 6 rows (12 with AVX-512) use the weights as they unpack, more an unpacked copy, and more
+    # than fit in L2 pass over the weights in chunks; every path sums the same products in the same
+    # order, so a sequence's logits do not depend on its batch companions.
     weight = native.quant_pack(int(qtype), quantized(64, 768, qtype)[0], 768)
     x = torch.randn(200, 768, generator=torch.Generator().manual_seed(1))
     alone = torch.cat([native.quant_linear(x[i : i + 1], weight) for i in range(0, 200, 7)])
-    for rows in (2, 3, 5, 6, 7, 13, 64, 200):
+    for rows in (2, 3, 5, 6, 7, 12, 13, 25, 64, 200):
         batch = native.quant_linear(x[:rows], weight)
         assert torch.equal(batch[0:rows:7], alone[: len(range(0, rows, 7))]), rows
 
@@ -295,6 +295,23 @@ def test_the_portable_build_gives_the_same_bits(portable_kernels: ctypes.CDLL) -
         rc = lib.tw_quant_linear(int(qtype), x.data_ptr(), 256, x.shape[0], 256, packed.data_ptr(), 37, out.data_ptr(), 37, 2)
         assert rc == 0 and torch.equal(out[:256], dense.T), qtype.name
         assert torch.equal(out[256:], multiply(x[256:], qtype, blocks)), qtype.name
+
+
+@pytest.mark.parametrize("qtype", KERNEL_TYPES, ids=lambda q: q.name)
+def test_the_avx512_variants_give_the_avx2_bits(avx2_kernels: ctypes.CDLL, qtype: Q) -> None:
+    # NOTE: every row count from 1 to 26 (each tile size, alone and as the first of several), more
+    # tiles, a pass over the weights in chunks of K, and a partial last panel.
+    lib = avx2_kernels
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.tw_quant_linear.argtypes, lib.tw_quant_linear.restype = [i32, p, i64, i64, i64, p, i64, p, i64, i32], i32
+    k, n = 1536, 45
+    weight = native.quant_pack(int(qtype), quantized(n, k, qtype, seed=5)[0], k)
+    x = torch.randn(300, k, generator=torch.Generator().manual_seed(6))
+    for rows in [*range(1, 27), 37, 300]:
+        ours = native.quant_linear(x[:rows], weight)
+        avx2 = torch.empty(rows, n)
+        assert lib.tw_quant_linear(int(qtype), x.data_ptr(), k, rows, k, weight.data.data_ptr(), n, avx2.data_ptr(), n, 2) == 0
+        assert torch.equal(ours, avx2), rows
 
 
 def test_dense_weights_are_packed_in_the_narrowest_float_type_that_holds_them() -> None:
