@@ -11,16 +11,19 @@ from tokenwire.engine import native
 # NOTE: measured on a 2-core AVX2 EPYC over the default model's 30 layers, the two alternating
 # (`benchmarks/gguf_linear.py --layers-only`), the block kernel against the dense float32 matmul
 # (oneDNN, prepacked): 3.0x at 1 row, 2.4-2.5x at 2-4, 1.5-1.9x at 6-8, 1.2-1.3x at 16-32, 1.1x at
-# 64-192, and even from 256 rows to 2048 (0.99-1.05x). So where the kernel has its AVX2 paths and
-# oneDNN nothing wider, the blocks serve every step and the dense copy is dropped. A CPU with
-# AVX-512 runs oneDNN twice as wide, and one without AVX2 gets the kernel's portable loops: there
-# the dense copy stays for steps of more than this many rows.
+# 64-192, and even from 256 rows to 2048 (0.99-1.05x). On a 2-core Zen 4, the kernel's AVX-512
+# variants against oneDNN's: 4.1x at 1 row, 2.2x at 8, 1.4x at 32, 1.2x at 64, 0.98-1.04x from 256
+# to 2048. So where the kernel's vectors are as wide as oneDNN's (AVX2 on a CPU without AVX-512, or
+# its AVX-512 variants), the blocks serve every step and the dense copy is dropped. Elsewhere (the
+# portable loops, or a build without the AVX-512 variants on a CPU that has it) the dense copy
+# stays for steps of more than this many rows.
 MAX_BLOCK_ROWS = 256
 
 
 def block_rows_limit() -> int | None:
     """Most rows of a step that read the blocks; None where the blocks serve steps of any size."""
-    if native.has_avx2_paths() and "avx512f" not in native.cpu_flags():
+    bits = native.quant_vector_bits()
+    if bits == 512 or (bits == 256 and "avx512f" not in native.cpu_flags()):
         return None
     return MAX_BLOCK_ROWS
 
