@@ -48,7 +48,7 @@ class EngineCore:
             use_gguf_blocks(model, float_weight_parts(model), block_rows_limit())
         if args.prepack_weights and can_prepack(loaded.dtype, loaded.device):
             # NOTE: in place: the engine owns the loaded model from here on.
-            prepack_linears(model)
+            prepack_linears(model, native_bf16=native_ops)
         if native_ops:
             enable_native_ops(model)
         spec = model.kv_cache_spec

@@ -189,6 +189,10 @@ def _library() -> ctypes.CDLL | None:
             fn.argtypes, fn.restype = argtypes, i32
         lib.tw_argmax_rows.argtypes, lib.tw_argmax_rows.restype = [p, i64, i64, i64, p, i32], None
         lib.tw_quant_vector_bits.argtypes, lib.tw_quant_vector_bits.restype = [], i32
+        lib.tw_bf16_linear_available.argtypes, lib.tw_bf16_linear_available.restype = [], i32
+        lib.tw_bf16_packed_bytes.argtypes, lib.tw_bf16_packed_bytes.restype = [i64, i64], i64
+        lib.tw_bf16_pack.argtypes, lib.tw_bf16_pack.restype = [p, i64, i64, p, i32], i32
+        lib.tw_bf16_linear.argtypes, lib.tw_bf16_linear.restype = [p, i64, i64, i64, p, i64, p, i64, i32], i32
         lib.tw_quant_row_bytes.argtypes, lib.tw_quant_row_bytes.restype = [i32, i64], i64
         lib.tw_quant_packed_bytes.argtypes, lib.tw_quant_packed_bytes.restype = [i32, i64, i64], i64
         lib.tw_decoder_stack_scratch.argtypes, lib.tw_decoder_stack_scratch.restype = [i64] * 5, i64
@@ -645,6 +649,48 @@ def quant_linear(x: torch.Tensor, weight: PackedWeight, out: torch.Tensor | None
     if rc != 0:  # NOTE: quant_pack checked the type and K; only a hand-made PackedWeight gets here
         raise ValueError(f"GGUF type {weight.ggml_type} with K={k}: not a packed weight the kernel takes")
     return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+
+
+def bf16_linear_available() -> bool:
+    """Whether ``bf16_linear`` runs here: a CPU with AVX512-BF16 and kernels built with it."""
+    lib = _library()
+    return lib is not None and bool(lib.tw_bf16_linear_available())
+
+
+def bf16_pack(weight: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 [out_features, in_features] weight (in_features even) repacked for ``bf16_linear``
+    (``csrc/bf16_linear.cpp`` has the layout): uint8 bytes."""
+    lib = _loaded_library()
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or not weight.is_cpu:
+        raise ValueError(f"weight {weight.dtype} {tuple(weight.shape)} on {weight.device}: need a 2-d bfloat16 CPU tensor")
+    n, k = weight.shape
+    size = int(lib.tw_bf16_packed_bytes(k, n))
+    if size == 0:
+        raise ValueError(f"weight {tuple(weight.shape)}: need an even, positive number of input features")
+    weight = weight.contiguous()
+    packed = torch.empty(size, dtype=torch.uint8)
+    lib.tw_bf16_pack(weight.data_ptr(), k, n, packed.data_ptr(), torch.get_num_threads())
+    return packed
+
+
+def bf16_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``x @ W.T`` for bfloat16 x [..., in_features] and W packed by ``bf16_pack``: float32 sums, the
+    result rounded to bfloat16. A row gives the same bits alone and in any batch."""
+    lib = _loaded_library()
+    k = x.shape[-1]
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"x {x.dtype}: need bfloat16")
+    if packed.numel() != int(lib.tw_bf16_packed_bytes(k, out_features)):
+        raise ValueError(f"x has {k} features: not the weight's ({packed.numel()} packed bytes for {out_features} outputs)")
+    rows = _rows(x, k)
+    out = torch.empty((rows.shape[0], out_features), dtype=torch.bfloat16)
+    rc = lib.tw_bf16_linear(
+        rows.data_ptr(), rows.stride(0), rows.shape[0], k, packed.data_ptr(), out_features, out.data_ptr(),
+        out_features, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError("this CPU has no AVX512-BF16 (check bf16_linear_available() first)")
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
