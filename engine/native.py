@@ -657,9 +657,19 @@ def bf16_linear_available() -> bool:
     return lib is not None and bool(lib.tw_bf16_linear_available())
 
 
-def bf16_pack(weight: torch.Tensor) -> torch.Tensor:
-    """A bfloat16 [out_features, in_features] weight (in_features even) repacked for ``bf16_linear``
-    (``csrc/bf16_linear.cpp`` has the layout): uint8 bytes."""
+class Bf16Weight:
+    """A bfloat16 weight repacked by ``bf16_pack`` (``csrc/bf16_linear.cpp`` has the layout)."""
+
+    __slots__ = ("in_features", "out_features", "data")
+
+    def __init__(self, in_features: int, out_features: int, data: torch.Tensor) -> None:
+        self.in_features = in_features
+        self.out_features = out_features
+        self.data = data
+
+
+def bf16_pack(weight: torch.Tensor) -> Bf16Weight:
+    """A bfloat16 [out_features, in_features] weight (in_features even) repacked for ``bf16_linear``."""
     lib = _loaded_library()
     if weight.dtype != torch.bfloat16 or weight.dim() != 2 or not weight.is_cpu:
         raise ValueError(f"weight {weight.dtype} {tuple(weight.shape)} on {weight.device}: need a 2-d bfloat16 CPU tensor")
@@ -668,29 +678,34 @@ def bf16_pack(weight: torch.Tensor) -> torch.Tensor:
     if size == 0:
         raise ValueError(f"weight {tuple(weight.shape)}: need an even, positive number of input features")
     weight = weight.contiguous()
-    packed = torch.empty(size, dtype=torch.uint8)
-    lib.tw_bf16_pack(weight.data_ptr(), k, n, packed.data_ptr(), torch.get_num_threads())
-    return packed
+    data = torch.empty(size, dtype=torch.uint8)
+    lib.tw_bf16_pack(weight.data_ptr(), k, n, data.data_ptr(), torch.get_num_threads())
+    return Bf16Weight(k, n, data)
 
 
-def bf16_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+def bf16_linear(x: torch.Tensor, weight: Bf16Weight) -> torch.Tensor:
     """``x @ W.T`` for bfloat16 x [..., in_features] and W packed by ``bf16_pack``: float32 sums, the
-    result rounded to bfloat16. A row gives the same bits alone and in any batch."""
+    result rounded to bfloat16. A row gives the same bits alone and in any batch.
+
+    Raises:
+        ValueError: x is not bfloat16, or its features are not the weight's.
+        RuntimeError: this CPU has no AVX512-BF16 (``bf16_linear_available``).
+    """
     lib = _loaded_library()
-    k = x.shape[-1]
+    k, n = x.shape[-1], weight.out_features
     if x.dtype != torch.bfloat16:
         raise ValueError(f"x {x.dtype}: need bfloat16")
-    if packed.numel() != int(lib.tw_bf16_packed_bytes(k, out_features)):
-        raise ValueError(f"x has {k} features: not the weight's ({packed.numel()} packed bytes for {out_features} outputs)")
+    if k != weight.in_features:
+        raise ValueError(f"x has {k} features, the weight takes {weight.in_features}")
     rows = _rows(x, k)
-    out = torch.empty((rows.shape[0], out_features), dtype=torch.bfloat16)
+    out = torch.empty((rows.shape[0], n), dtype=torch.bfloat16)
     rc = lib.tw_bf16_linear(
-        rows.data_ptr(), rows.stride(0), rows.shape[0], k, packed.data_ptr(), out_features, out.data_ptr(),
-        out_features, torch.get_num_threads(),
+        rows.data_ptr(), rows.stride(0), rows.shape[0], k, weight.data.data_ptr(), n, out.data_ptr(), n,
+        torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError("this CPU has no AVX512-BF16 (check bf16_linear_available() first)")
-    return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:

@@ -33,13 +33,14 @@ int64_t packed_bytes(int64_t k, int64_t n) { return (n + kPanel - 1) / kPanel * 
 
 #if defined(TW_AVX512)
 #define TW_BF16_KERNEL 1
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")
-
+// NOTE: outside the target pragma: every CPU runs this check.
 bool has_avx512_bf16() {
   static const bool yes = tw::has_avx512() && __builtin_cpu_supports("avx512bf16");
   return yes;
 }
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")
 
 // Rows per tile: at 6-12 rows the multiply-adds cover VDPBF16PS's latency (a 2-core Zen 4 measured
 // 214 GFLOP/s a core at 6 and 8 rows, 200 at 12, 152 at 4, in a microbenchmark).

@@ -387,7 +387,7 @@ void unpacked(const float* x, int64_t x_stride, int64_t rows, const float* w, in
 }
 
 #ifdef TW_AVX512
-// The same kernels for AVX-512 (x86-64-v4: Zen 4, Ice Lake and later), chosen at run time where
+// The same kernels for AVX-512 (x86-64-v4: Skylake-SP and later, Zen 4), chosen at run time where
 // the CPU has it. A panel's 16 features are one 512-bit vector, so a row of a tile is one
 // accumulator and its broadcast folds into the multiply-add, and 32 registers hold tiles of up to
 // kWideTileRows rows. Each output is still one fused multiply-add per k, k in order, of the same

@@ -51,35 +51,27 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-# NOTE: the native bfloat16 kernel (csrc/bf16_linear.cpp) against oneDNN's prepacked bfloat16 matmul
-# over the default model's 120 layer matmuls on a 2-core Zen 4 (AVX512-BF16), alternating: 1.86x
-# at 1 row, 1.38x at 4, 1.18x at 8, 0.91-0.95x at 16-64, 1.0x from 128 to 2048. Few rows read
-# every weight for little arithmetic, where oneDNN's per-call work shows; so steps of up to this
-# many rows (decoding one or a few sequences, a draft's check) take the kernel.
-MAX_NATIVE_BF16_ROWS = 8
-
-
 class NativeBf16Linear(nn.Module):
-    """``y = x @ W.T`` for a bfloat16 model: the native AVX512-BF16 kernel for steps of up to
-    ``MAX_NATIVE_BF16_ROWS`` rows, oneDNN (``PackedLinear``) for more.
+    """``y = x @ W.T`` for a bfloat16 model through the native AVX512-BF16 kernel
+    (``csrc/bf16_linear.cpp``): float32 sums rounded once to bfloat16, as ``F.linear`` rounds, up
+    to summation order.
 
-    Each path sums in float32 and rounds the result to bfloat16, as ``F.linear`` does, up to
-    summation order; a row gives the same bits in every step of up to that many rows.
+    Every step takes the kernel, so a row gives the same bits whatever else is in its step (a
+    sequence's greedy tokens do not depend on its batch companions). Over the default model's 120
+    layer matmuls on a 2-core Zen 4, alternating with oneDNN's prepacked bfloat16 matmul: 1.86x at
+    1 row, 1.38x at 4, 1.18x at 8, 0.91-0.95x at 16-64, 0.99-1.04x from 128 to 2048.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self.packed = native.bf16_pack(linear.weight.detach())
-        self.dense = PackedLinear(linear)
-        self._max_elements = MAX_NATIVE_BF16_ROWS * self.in_features
+        # NOTE: a plain attribute, not a buffer: state_dict() and .to() must not see raw bytes.
+        self.weight = native.bf16_pack(linear.weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., in_features] bfloat16 -> [..., out_features]."""
-        if x.numel() > self._max_elements or x.dtype != torch.bfloat16:
-            return self.dense(x)
-        return native.bf16_linear(x, self.packed, self.out_features)
+        """x: [..., in_features] bfloat16 -> [..., out_features] bfloat16."""
+        return native.bf16_linear(x, self.weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
