@@ -1,4 +1,4 @@
-"""Linear layers whose weights are prepacked for oneDNN: the engine's fast CPU matmul path."""
+"""Linear layers packed once for the CPU: for oneDNN, or for the native bfloat16 kernel (AVX512-BF16)."""
 
 from __future__ import annotations
 
