@@ -41,7 +41,9 @@ class EngineArgs:
         speculative_max_batch: speculate only while at most this many sequences run (with more, a
             step is bound by compute rather than by reading weights, and drafts would slow it).
         prepack_weights: on CPU, pack the linear layers' weights once for oneDNN (faster matmuls
-            than torch's default BLAS; results equal up to float rounding). False keeps ``F.linear``.
+            than torch's default BLAS; results equal up to float rounding), or, for a bfloat16
+            model with the native kernels on a CPU with AVX512-BF16, for the native bfloat16
+            kernel. False keeps ``F.linear``.
         native_kernels: on CPU, decode attention, RMSNorm, RoPE and SiLU-and-multiply run in C++
             kernels built on first use with the system compiler (``native.py``); without a
             compiler, or with False, they run in torch.
