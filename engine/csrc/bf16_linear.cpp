@@ -105,8 +105,7 @@ void linear(const uint16_t* x, int64_t x_stride, int64_t m_rows, int64_t k, cons
       }
       int64_t m = 0;
       for (int64_t t = 0; t < tiles; ++t) {
-        // The rows spread evenly over the tiles: 12 rows are 6 + 6, not 8 + 4.
-        const int64_t r = m_rows / tiles + (t < m_rows % tiles ? 1 : 0);
+        const int64_t r = tw::even_share(m_rows, tiles, t);
         const uint16_t* xm = x + m * x_stride;
         uint16_t* om = o + m * o_stride;
         switch (r) {

@@ -66,6 +66,10 @@ inline bool has_avx512() {
 }
 #endif
 
+// Part i of n things spread evenly over `parts` parts, the larger parts first (the kernels' tiles
+// of rows: 12 rows in two tiles are 6 + 6, not 8 + 4).
+inline int64_t even_share(int64_t n, int64_t parts, int64_t i) { return n / parts + (i < n % parts ? 1 : 0); }
+
 inline float to_float(float x) { return x; }
 inline float to_float(uint16_t x) {
   const uint32_t bits = static_cast<uint32_t>(x) << 16;

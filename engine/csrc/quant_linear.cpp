@@ -492,9 +492,6 @@ void panel_unpacked(const float* x, int64_t x_stride, const float* w_panel, int6
 #undef TW_WIDE_FMA
 #undef TW_WIDE_STORE
 
-// Tile t's rows when `rows` are spread evenly over `tiles` tiles, the larger ones first.
-inline int64_t tile_rows(int64_t rows, int64_t tiles, int64_t t) { return rows / tiles + (t < rows % tiles ? 1 : 0); }
-
 // out[rows, 16] (+)= x[rows, k1 - k0] @ the panel's weights k0..k1 (multiples of G), the rows
 // spread evenly over tiles of at most kWideTileRows. Up to one tile, the weights are unpacked in
 // registers only; past that, the first tile keeps them in dst (kChunkK x 16, 64-byte aligned) for
@@ -506,7 +503,7 @@ void multiply(const float* x, int64_t x_stride, int64_t rows, const uint8_t* pan
   const int64_t tiles = (rows + kWideTileRows - 1) / kWideTileRows;
   int64_t m = 0;
   for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t r = tile_rows(rows, tiles, t);
+    const int64_t r = tw::even_share(rows, tiles, t);
     const float* xm = x + m * x_stride;
     float* om = out + m * out_stride;
     if (t == 0) {
