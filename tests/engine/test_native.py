@@ -40,7 +40,7 @@ def test_the_kernel_builds_and_loads_where_a_compiler_exists() -> None:
     assert native.decode_kernel(torch.device("meta"), torch.float32) is None
     assert native.prefill_kernel(torch.device("cpu"), torch.float32, torch.float16) is native.paged_prefill_attention
     assert native.prefill_kernel(torch.device("cpu"), torch.float16) is None
-    assert native.prefill_kernel(torch.device("cpu"), torch.bfloat16) is None  # see prefill_kernel
+    assert native.prefill_kernel(torch.device("cpu"), torch.bfloat16) is native.paged_prefill_attention
 
 
 def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: list[list[int]], lens: list[int], scale: float) -> torch.Tensor:
