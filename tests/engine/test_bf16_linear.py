@@ -28,8 +28,11 @@ def bf16(*shape: int, seed: int) -> torch.Tensor:
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
-def test_sums_in_float32_and_rounds_once_to_bfloat16(rows: int) -> None:
-    w, x = bf16(45, 576, seed=1), bf16(rows, 576, seed=rows)  # NOTE: 45 outputs: a partial last panel
+# NOTE: tiles cover two panels of 16 outputs: 20 ends in a partial panel of a pair, 45 in a partial
+# one alone, 48 in a whole one alone.
+@pytest.mark.parametrize("outputs", [20, 45, 48])
+def test_sums_in_float32_and_rounds_once_to_bfloat16(rows: int, outputs: int) -> None:
+    w, x = bf16(outputs, 576, seed=1), bf16(rows, 576, seed=rows)
     got = native.bf16_linear(x, native.bf16_pack(w)).double()
     exact = x.double() @ w.double().T
     # One rounding to bfloat16 (half a unit in the 8th bit) on top of float32 sums of 576 products.
