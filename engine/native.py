@@ -20,7 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCE_DIR = Path(__file__).with_name("csrc")
-_ABI_VERSION = 10
+_ABI_VERSION = 11
 # Element-type codes of the C entry points: the kernels compute in float32 and take tensors of
 # these types; a KV cache may also be float16 (a float32 or bfloat16 model's narrower cache).
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
@@ -181,7 +181,7 @@ def _library() -> ctypes.CDLL | None:
             "tw_quant_linear": [i32, p, i64, i64, i64, p, i64, p, i64, i32],
             "tw_quant_pack": [i32, p, i64, i64, i64, p, i32],
             "tw_write_kv": [p, i64, p, i64, p, p, p, i64, i64, i64, i32],
-            "tw_decoder_stack": [p, i64, p, i64, i64, i64, i64, i64, i64, f32, p, p, p, i64, p, i64, i64, p, i64, p,
+            "tw_decoder_stack": [i32, p, i64, p, i64, i64, i64, i64, i64, i64, f32, p, p, p, i64, p, i64, i64, p, i64, p,
                                  i64, i64, p, p, p, i64, i32, i64, i64, f32, p, i32],
         }
         for name, argtypes in signatures.items():
@@ -407,12 +407,14 @@ def decoder_stack(
     scale: float,
     output_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run a float32 LLaMA decoder stack over x [T, hidden] in place (``csrc/decoder_stack.cpp``).
+    """Run a LLaMA decoder stack over x [T, hidden] in place (``csrc/decoder_stack.cpp``), in x's
+    dtype: float32, or bfloat16 (on AVX512-BF16 CPUs).
 
     ``plan`` ([layers, ``decoder_stack_plan_fields()``] int64, from ``models.native_stack``, built
-    for these shapes) holds each layer's weights and pools by address; ``pool`` is one of the
-    pools, for their shape and dtype (float32, bfloat16 or float16, into which new keys and values
-    are rounded as ``.to()`` rounds). cos, sin: [T, D] float32; slot_mapping: [T]; the first
+    for these shapes and x's dtype) holds each layer's weights and pools by address; ``pool`` is one
+    of the pools, for their shape and dtype (for float32, float32, bfloat16 or float16, into which
+    new keys and values are rounded as ``.to()`` rounds; for bfloat16, bfloat16). cos, sin: [T, D]
+    float32; slot_mapping: [T]; the first
     S = ``decode_lens.shape[0]`` rows are decodes (decode_tables [S, W]), the rest prompt chunks
     (chunk_tables [C, W'], query_lens and context_lens [C]), as the native attention kernels take them.
 
@@ -431,7 +433,8 @@ def decoder_stack(
     ints = (slot_mapping, decode_tables, decode_lens, chunk_tables, query_lens, context_lens, outputs)
     cache_code = _CACHE_DTYPE_CODES.get(pool.dtype)
     if not (
-        x.dtype == cos.dtype == sin.dtype == torch.float32
+        x.dtype in _DTYPE_CODES
+        and cos.dtype == sin.dtype == torch.float32
         and cache_code is not None
         and x.is_contiguous()
         and cos.is_contiguous()
@@ -456,13 +459,13 @@ def decoder_stack(
         raise ValueError(
             f"x {tuple(x.shape)} {x.dtype}, tables cos/sin {tuple(cos.shape)}, pool {tuple(pool.shape)} {pool.dtype}, "
             f"decode tables {tuple(decode_tables.shape)}, chunk tables {tuple(chunk_tables.shape)}: need contiguous "
-            "float32 x [T, hidden], cos and sin [T, D], a float32, bfloat16 or float16 pool, int64 slots, tables "
-            "and lengths"
+            "float32 or bfloat16 x [T, hidden], float32 cos and sin [T, D], a float32, bfloat16 or float16 pool, "
+            "int64 slots, tables and lengths"
         )
     per_row = lib.tw_decoder_stack_scratch(hidden, num_heads, num_kv_heads, d, intermediate_size)
     scratch = torch.empty(max(num_tokens * per_row, 1), dtype=torch.float32)
     rc = lib.tw_decoder_stack(
-        plan.data_ptr(), plan.shape[0], x.data_ptr(), num_tokens, hidden, num_heads, num_kv_heads, d,
+        _DTYPE_CODES[x.dtype], plan.data_ptr(), plan.shape[0], x.data_ptr(), num_tokens, hidden, num_heads, num_kv_heads, d,
         intermediate_size, eps, cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), decode_lens.shape[0],
         decode_tables.data_ptr(), decode_tables.stride(0), decode_tables.shape[1], decode_lens.data_ptr(),
         query_lens.shape[0], chunk_tables.data_ptr(), chunk_tables.stride(0), chunk_tables.shape[1],
@@ -471,7 +474,7 @@ def decoder_stack(
         scratch.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if rc == 1:
-        raise ValueError(f"a projection's parts, or a {pool.dtype} pool, are not what this build takes")
+        raise ValueError(f"a projection's parts, or a {pool.dtype} pool, are not what a {x.dtype} stack takes here")
     if rc != 0:
         raise ValueError(
             "a slot, block id or length is out of range, the query lengths do not add up to the prompt rows, "

@@ -24,7 +24,7 @@ namespace {
 
 using tw::store;
 using tw::to_float;
-constexpr int kAbiVersion = 10;
+constexpr int kAbiVersion = 11;
 
 // Pool offsets (in elements) of positions 0..len-1 of one sequence, from its block table.
 inline void token_offsets(const int64_t* table, int64_t len, int64_t block_size, int64_t token_stride,

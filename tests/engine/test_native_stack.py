@@ -1,4 +1,4 @@
-"""The float32 decoder stack as one native call: the layers' bits, where it is used, what it refuses."""
+"""The decoder stack as one native call (float32, bfloat16): the layers' bits, where it is used, what it refuses."""
 
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from .test_loader import IDS, write_llama_gguf
 pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler here")
 
 
-def _llm(kv_cache_dtype: str = "auto") -> LLM:
+def _llm(kv_cache_dtype: str = "auto", dtype: str = "float32") -> LLM:
     # NOTE: a small pool and token budget, so that prompts are split into chunks across steps and
     # chunks meet earlier context in the pool.
     return LLM(
-        dtype="float32", kv_cache_memory=1 << 25, max_num_batched_tokens=96, enable_prefix_caching=True,
+        dtype=dtype, kv_cache_memory=1 << 25, max_num_batched_tokens=96, enable_prefix_caching=True,
         kv_cache_dtype=kv_cache_dtype,
     )  # fmt: skip
 
@@ -60,13 +60,25 @@ def _run(llm: LLM, stack: NativeStack | None) -> list[tuple[list[int], list[floa
     return [(o.token_ids, [p.logprob for p in o.logprobs]) for o in outs]
 
 
+needs_bf16_kernel = pytest.mark.skipif(
+    native._compiler() is None or not native.bf16_linear_available(), reason="this CPU has no AVX512-BF16"
+)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "float16", "bfloat16"])
-def test_the_stack_gives_the_bits_of_the_layers_run_one_by_one(llm: LLM, kv_cache_dtype: str) -> None:
-    # A 16-bit pool: the stack rounds the new keys and values into it as torch's .to() does.
-    llm = llm if kv_cache_dtype == "auto" else _llm(kv_cache_dtype)
+@pytest.mark.parametrize(
+    ("dtype", "kv_cache_dtype"),
+    [
+        ("float32", "auto"), ("float32", "float16"), ("float32", "bfloat16"),
+        pytest.param("bfloat16", "auto", marks=needs_bf16_kernel),
+    ],
+)  # fmt: skip
+def test_the_stack_gives_the_bits_of_the_layers_run_one_by_one(llm: LLM, dtype: str, kv_cache_dtype: str) -> None:
+    # A 16-bit pool: the stack rounds the new keys and values into it as torch's .to() does. A
+    # bfloat16 model: its stack rounds where the modules round, and its adds round their sums.
+    llm = llm if (dtype, kv_cache_dtype) == ("float32", "auto") else _llm(kv_cache_dtype, dtype)
     stack = llm.core.runner.model._stack()
-    assert stack is not None, "the default float32 model on CPU has every part in native form"
+    assert stack is not None, f"the default {dtype} model on this CPU has every part in native form"
     calls = []
     original = NativeStack.forward
 
@@ -125,7 +137,9 @@ def test_a_fused_weight_of_two_types_runs_in_the_stack_as_in_the_layers(tmp_path
 
 
 def test_the_stack_is_built_only_where_every_part_is_native() -> None:
-    assert LLM(dtype="bfloat16", kv_cache_memory=1 << 24).core.runner.model._stack() is None
+    # A bfloat16 model's projections are native only where the CPU has AVX512-BF16.
+    bf16 = LLM(dtype="bfloat16", kv_cache_memory=1 << 24).core.runner.model
+    assert (bf16._stack() is not None) == native.bf16_linear_available()
     plain = LLM(dtype="float32", kv_cache_memory=1 << 24, native_kernels=False).core.runner.model
     assert not plain.native_ops
     assert NativeStack.for_layers(plain.layers, plain.config) is None
@@ -272,3 +286,20 @@ def test_output_rows_must_be_ascending_rows_of_the_batch(llm: LLM) -> None:
         with pytest.raises(ValueError, match="ascending rows"):
             stack.forward(torch.randn(31, 576), rope, caches, meta, torch.tensor(rows))
         assert not any(c.any() for pair in caches for c in pair), "refused before anything is written"
+
+
+@needs_bf16_kernel
+def test_a_bfloat16_model_with_a_float32_cache_runs_its_layers_one_by_one() -> None:
+    llm = LLM(dtype="bfloat16", kv_cache_dtype="float32", kv_cache_memory=1 << 24)
+    results = []
+    original = NativeStack.forward
+
+    def counted(self: NativeStack, *args: object) -> torch.Tensor | None:
+        results.append(original(self, *args))  # type: ignore[arg-type]
+        return results[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(NativeStack, "forward", counted)
+        out = llm.generate(["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    assert results and all(r is None for r in results), "the bfloat16 stack writes bfloat16 pools only"
+    assert len(out[0].token_ids) == 4
