@@ -436,6 +436,7 @@ def decoder_stack(
         x.dtype in _DTYPE_CODES
         and cos.dtype == sin.dtype == torch.float32
         and cache_code is not None
+        and (x.dtype == torch.float32 or pool.dtype == x.dtype)
         and x.is_contiguous()
         and cos.is_contiguous()
         and sin.is_contiguous()
@@ -459,8 +460,8 @@ def decoder_stack(
         raise ValueError(
             f"x {tuple(x.shape)} {x.dtype}, tables cos/sin {tuple(cos.shape)}, pool {tuple(pool.shape)} {pool.dtype}, "
             f"decode tables {tuple(decode_tables.shape)}, chunk tables {tuple(chunk_tables.shape)}: need contiguous "
-            "float32 or bfloat16 x [T, hidden], float32 cos and sin [T, D], a float32, bfloat16 or float16 pool, "
-            "int64 slots, tables and lengths"
+            "float32 or bfloat16 x [T, hidden], float32 cos and sin [T, D], a float32, bfloat16 or float16 pool "
+            "(bfloat16 for bfloat16 x), int64 slots, tables and lengths"
         )
     per_row = lib.tw_decoder_stack_scratch(hidden, num_heads, num_kv_heads, d, intermediate_size)
     scratch = torch.empty(max(num_tokens * per_row, 1), dtype=torch.float32)
@@ -474,7 +475,9 @@ def decoder_stack(
         scratch.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if rc == 1:
-        raise ValueError(f"a projection's parts, or a {pool.dtype} pool, are not what a {x.dtype} stack takes here")
+        raise ValueError(
+            f"the plan's projection parts, or a {pool.dtype} pool, are not what a {x.dtype} stack takes on this CPU"
+        )
     if rc != 0:
         raise ValueError(
             "a slot, block id or length is out of range, the query lengths do not add up to the prompt rows, "

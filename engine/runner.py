@@ -76,7 +76,7 @@ class ModelRunner:
         self.decode_kernel: DecodeKernel | None = decode_kernel(device, dtype, cache_dtype) if native_kernels else None
         # NOTE: and prompt chunks through another, which reads them in place too and skips the key
         # tiles a causal mask hides (1.5-2x SDPA's flash kernel on the default model's chunks in
-        # float32; in bfloat16 SDPA keeps the math path, see native.prefill_kernel).
+        # float32, ~4x the math path torch keeps in bfloat16: see native.prefill_kernel).
         self.prefill_kernel: PrefillKernel | None = prefill_kernel(device, dtype, cache_dtype) if native_kernels else None
         # NOTE: and the step's keys and values go into the pool in one call per layer rather than
         # two index_copy_ (about 35 us a layer for a decode token, more than the copy itself).

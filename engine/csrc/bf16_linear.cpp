@@ -75,22 +75,20 @@ constexpr int kGroup = 2;  // panels a tile covers
     if constexpr (NP > 1) TW_ROUND(d##m, out + m * out_stride + kPanel)                            \
   }
 
-// out[MR rows, NP * 16] = x[MR rows, K] @ NP consecutive panels, rounded to bfloat16. With `ahead`,
-// it also asks for the next NP panels (the same size) line by line, into L2: the first tile of a
-// group streams its weights from memory, and at 8 rows the multiply-adds want them faster than the
-// hardware prefetcher alone brings them (prefetching the next panel against none: 1.3x at 8 rows,
-// 1.1x at 32, over the default model's layer matmuls).
+// out[MR rows, NP * 16] = x[MR rows, K] @ NP consecutive panels, rounded to bfloat16. It also asks
+// for the `ahead` panels (0 to 2, the same size) from `next` line by line, into L2: the first tile
+// of a group streams its weights from memory, and at 8 rows the multiply-adds want them faster than
+// the hardware prefetcher alone brings them (prefetching the next panel against none: 1.3x at 8
+// rows, 1.1x at 32, over the default model's layer matmuls).
 template <int MR, int NP>
 void panel_tile(const uint16_t* x, int64_t x_stride, const uint8_t* panel, int64_t panel_bytes, int64_t k,
-                uint16_t* out, int64_t out_stride, const uint8_t* ahead) {
+                uint16_t* out, int64_t out_stride, const uint8_t* next, int ahead) {
   TW_ROWS(TW_ACC)
   TW_ROWS(TW_PTR)
   const uint8_t* second = panel + (NP > 1 ? panel_bytes : 0);
   for (int64_t p = 0; p < k / 2; ++p) {
-    if (ahead != nullptr) {
-      _mm_prefetch(reinterpret_cast<const char*>(ahead + 64 * p), _MM_HINT_T2);
-      if constexpr (NP > 1) _mm_prefetch(reinterpret_cast<const char*>(ahead + panel_bytes + 64 * p), _MM_HINT_T2);
-    }
+    if (ahead > 0) _mm_prefetch(reinterpret_cast<const char*>(next + 64 * p), _MM_HINT_T2);
+    if (ahead > 1) _mm_prefetch(reinterpret_cast<const char*>(next + panel_bytes + 64 * p), _MM_HINT_T2);
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + 64 * p);
     [[maybe_unused]] __m512bh w1;
     if constexpr (NP > 1) w1 = (__m512bh)_mm512_loadu_si512(second + 64 * p);
@@ -108,23 +106,26 @@ void panel_tile(const uint16_t* x, int64_t x_stride, const uint8_t* panel, int64
 // panel_tile for r rows (1 to kTileRows).
 template <int NP>
 void tile(int64_t r, const uint16_t* x, int64_t x_stride, const uint8_t* panel, int64_t panel_bytes, int64_t k,
-          uint16_t* out, int64_t out_stride, const uint8_t* ahead) {
+          uint16_t* out, int64_t out_stride, const uint8_t* next, int ahead) {
   switch (r) {
-    case 1: panel_tile<1, NP>(x, x_stride, panel, panel_bytes, k, out, out_stride, ahead); break;
-    case 2: panel_tile<2, NP>(x, x_stride, panel, panel_bytes, k, out, out_stride, ahead); break;
-    case 3: panel_tile<3, NP>(x, x_stride, panel, panel_bytes, k, out, out_stride, ahead); break;
-    case 4: panel_tile<4, NP>(x, x_stride, panel, panel_bytes, k, out, out_stride, ahead); break;
-    case 5: panel_tile<5, NP>(x, x_stride, panel, panel_bytes, k, out, out_stride, ahead); break;
-    case 6: panel_tile<6, NP>(x, x_stride, panel, panel_bytes, k, out, out_stride, ahead); break;
-    case 7: panel_tile<7, NP>(x, x_stride, panel, panel_bytes, k, out, out_stride, ahead); break;
-    default: panel_tile<kTileRows, NP>(x, x_stride, panel, panel_bytes, k, out, out_stride, ahead); break;
+    case 1: panel_tile<1, NP>(x, x_stride, panel, panel_bytes, k, out, out_stride, next, ahead); break;
+    case 2: panel_tile<2, NP>(x, x_stride, panel, panel_bytes, k, out, out_stride, next, ahead); break;
+    case 3: panel_tile<3, NP>(x, x_stride, panel, panel_bytes, k, out, out_stride, next, ahead); break;
+    case 4: panel_tile<4, NP>(x, x_stride, panel, panel_bytes, k, out, out_stride, next, ahead); break;
+    case 5: panel_tile<5, NP>(x, x_stride, panel, panel_bytes, k, out, out_stride, next, ahead); break;
+    case 6: panel_tile<6, NP>(x, x_stride, panel, panel_bytes, k, out, out_stride, next, ahead); break;
+    case 7: panel_tile<7, NP>(x, x_stride, panel, panel_bytes, k, out, out_stride, next, ahead); break;
+    default: panel_tile<kTileRows, NP>(x, x_stride, panel, panel_bytes, k, out, out_stride, next, ahead); break;
   }
 }
 
 void linear(const uint16_t* x, int64_t x_stride, int64_t m_rows, int64_t k, const uint8_t* packed, int64_t n,
             uint16_t* out, int64_t out_stride, int num_threads) {
   const int64_t panels = (n + kPanel - 1) / kPanel;
-  const int64_t groups = (panels + kGroup - 1) / kGroup;
+  // NOTE: panels in pairs only where that leaves at least two pairs a thread; a narrow matmul (or
+  // many threads) keeps single panels, so that every thread has a share. The bits are the same.
+  const int64_t group = panels >= 2 * kGroup * num_threads ? kGroup : 1;
+  const int64_t groups = (panels + group - 1) / group;
   const int64_t panel_bytes = k * kPanel * 2;
   const int64_t tiles = (m_rows + kTileRows - 1) / kTileRows;
 #pragma omp parallel num_threads(num_threads) if (groups > 1)
@@ -134,8 +135,8 @@ void linear(const uint16_t* x, int64_t x_stride, int64_t m_rows, int64_t k, cons
     // Its chunks are runs of groups, so a group's next one is mostly the same thread's.
 #pragma omp for schedule(guided)
     for (int64_t g = 0; g < groups; ++g) {
-      const int64_t first = g * kGroup;
-      const int64_t np = panels - first < kGroup ? panels - first : kGroup;
+      const int64_t first = g * group;
+      const int64_t np = panels - first < group ? panels - first : group;
       const uint8_t* panel = packed + first * panel_bytes;
       const int64_t cols = n - first * kPanel < np * kPanel ? n - first * kPanel : np * kPanel;
       uint16_t* o = out + first * kPanel;
@@ -145,16 +146,21 @@ void linear(const uint16_t* x, int64_t x_stride, int64_t m_rows, int64_t k, cons
         o = scratch.data();
         o_stride = np * kPanel;
       }
+      // The next group's panels, asked for by this group's first tile.
       const int64_t next = first + np;
-      const uint8_t* ahead = next + np <= panels ? packed + next * panel_bytes : nullptr;
+      const int ahead = static_cast<int>(panels - next < group ? panels - next : group);
       int64_t m = 0;
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t r = tw::even_share(m_rows, tiles, t);
-        const uint8_t* a = t == 0 ? ahead : nullptr;
+        const uint16_t* xm = x + m * x_stride;
+        uint16_t* om = o + m * o_stride;
+        const uint8_t* ahead_panels = packed + next * panel_bytes;
+        const int a = t == 0 ? ahead : 0;
+        static_assert(kGroup == 2, "a group is one or two panels");
         if (np == 2)
-          tile<2>(r, x + m * x_stride, x_stride, panel, panel_bytes, k, o + m * o_stride, o_stride, a);
+          tile<2>(r, xm, x_stride, panel, panel_bytes, k, om, o_stride, ahead_panels, a);
         else
-          tile<1>(r, x + m * x_stride, x_stride, panel, panel_bytes, k, o + m * o_stride, o_stride, a);
+          tile<1>(r, xm, x_stride, panel, panel_bytes, k, om, o_stride, ahead_panels, a);
         m += r;
       }
       if (cols < np * kPanel)

@@ -250,6 +250,18 @@ struct Stack {
   }
 };
 
+// Whether every projection part of the plan is of the kind a stack of dtype code `dtype` multiplies
+// by (packed for the bfloat16 kernel exactly in bfloat16): checked before any layer runs, since a
+// norm of the other dtype would read its weights at the wrong width.
+bool parts_match(const int64_t* plan, int64_t num_layers, int dtype) {
+  for (int64_t l = 0; l < num_layers; ++l)
+    for (int64_t f = kQKV; f < kKeyCache; f += kPartFields) {
+      const int64_t* part = plan + l * kPlanFields + f;
+      if (part[0] != 0 && (part[1] == kBf16Part) != (dtype == tw::kBFloat16)) return false;
+    }
+  return true;
+}
+
 // Whether out_rows[0..num_out) are ascending, distinct rows of a batch of `count`.
 bool ascending_rows(const int64_t* out_rows, int64_t num_out, int64_t count) {
   for (int64_t j = 0; j < num_out; ++j)
@@ -339,8 +351,8 @@ int64_t tw_decoder_stack_scratch(int64_t hidden, int64_t num_heads, int64_t num_
 // (ascending) are wanted: the last layer writes every row's keys and values, then runs its
 // attention and MLP on those rows alone, left in x[0..num_out) (the other rows' work there feeds
 // nothing: in a prompt chunk only the last row is sampled). Returns 0; 1 for a dtype it does not
-// run, a projection whose parts the matmul does not take (a type, or columns that do not add up)
-// or a cache type this build does not write; 2 for a slot, block id or length out of range, query
+// run, parts of the other dtype's kind (before anything runs), a projection whose parts the matmul
+// does not take (a type, or columns that do not add up) or a cache type this build does not write; 2 for a slot, block id or length out of range, query
 // lengths that do not add up to the prompt rows, or output rows that are not ascending rows of the
 // batch (each checked before it is read through).
 int tw_decoder_stack(int dtype, const int64_t* plan, int64_t num_layers, void* x, int64_t num_tokens, int64_t hidden,
@@ -351,6 +363,7 @@ int tw_decoder_stack(int dtype, const int64_t* plan, int64_t num_layers, void* x
                      int64_t chunk_stride, int64_t chunk_width, const int64_t* query_lens,
                      const int64_t* context_lens, const int64_t* out_rows, int64_t num_out, int cache_dtype,
                      int64_t num_blocks, int64_t block_size, float scale, void* scratch, int num_threads) {
+  if (!parts_match(plan, num_layers, dtype)) return 1;
   int64_t prompt_rows = 0;
   for (int64_t c = 0; c < num_chunks; ++c) prompt_rows += query_lens[c];
   if (num_decode < 0 || prompt_rows != num_tokens - num_decode || !ascending_rows(out_rows, num_out, num_tokens))

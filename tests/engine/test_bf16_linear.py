@@ -41,12 +41,21 @@ def test_sums_in_float32_and_rounds_once_to_bfloat16(rows: int, outputs: int) ->
 
 
 @needs_kernel
-def test_a_row_gives_the_same_bits_alone_and_in_any_batch() -> None:
-    w, x = bf16(64, 1536, seed=2), bf16(40, 1536, seed=3)
+@pytest.mark.parametrize("outputs", [20, 45, 64, 304])
+def test_a_row_gives_the_same_bits_alone_and_in_any_batch(outputs: int) -> None:
+    # NOTE: 304 outputs (19 panels) go in pairs of panels on up to 4 threads, fewer outputs or one
+    # thread in single panels; both sum every output's pairs in the same order.
+    w, x = bf16(outputs, 1536, seed=2), bf16(40, 1536, seed=3)
     packed = native.bf16_pack(w)
     alone = torch.cat([native.bf16_linear(x[i : i + 1], packed) for i in range(40)])
     for rows in (2, 7, 8, 9, 13, 40):
         assert torch.equal(native.bf16_linear(x[:rows], packed), alone[:rows]), rows
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(native.bf16_linear(x, packed), alone)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_kernel

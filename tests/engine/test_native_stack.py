@@ -12,10 +12,11 @@ from gguf import GGMLQuantizationType as Q
 
 from tokenwire.engine import LLM, SamplingParams, native
 from tokenwire.engine.attention import AttentionMetadata, PrefillChunk, PrefillTables
-from tokenwire.engine.loader import load_gguf
+from tokenwire.engine.loader import load_gguf, load_hf
 from tokenwire.engine.models.gguf_linear import block_rows_limit, use_gguf_blocks
 from tokenwire.engine.models.layers import enable_native_ops
 from tokenwire.engine.models.native_stack import NativeStack
+from tokenwire.engine.models.packed_linear import prepack_linears
 
 from .test_loader import IDS, write_llama_gguf
 
@@ -98,6 +99,32 @@ def test_the_stack_gives_the_bits_of_the_layers_run_one_by_one(llm: LLM, dtype: 
     llm.core.runner.model._native_stack = stack
 
 
+@needs_bf16_kernel
+def test_a_bfloat16_stack_gives_the_bits_of_its_layers(tmp_path: Path, make_tiny_hf_llama: Any) -> None:
+    """A tiny bfloat16 model: prompt chunks, decodes beside a chunk, and the last layer on some rows."""
+    make_tiny_hf_llama(tmp_path, tied=False, seed=3)
+    model = load_hf(tmp_path, torch.bfloat16, torch.device("cpu"), progress=False).model
+    prepack_linears(model, native_bf16=True)
+    enable_native_ops(model)
+    stack = model._stack()
+    assert stack is not None and stack.dtype == torch.bfloat16
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (31,), generator=torch.Generator().manual_seed(5))
+    results = {}
+    for name, use in (("stack", stack), ("layers", None)):
+        model._native_stack = use
+        caches = _caches(torch.bfloat16, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        hidden = []
+        for (positions, meta), rows in zip(_mixed_steps(), [None, [0, 2, 4, 13]]):
+            out_rows = None if rows is None else torch.tensor(rows)
+            with torch.inference_mode():
+                hidden.append(model.forward_flat(ids[: len(positions)], torch.tensor(positions), caches, meta, out_rows))
+        results[name] = hidden, caches
+    (h_stack, c_stack), (h_layers, c_layers) = results["stack"], results["layers"]
+    assert all(torch.equal(a, b) for a, b in zip(h_stack, h_layers))
+    assert all(torch.equal(a, b) for pair, other in zip(c_stack, c_layers) for a, b in zip(pair, other))
+
+
 @pytest.mark.skipif(block_rows_limit() is not None, reason="the blocks serve only a few rows on this CPU")
 def test_a_fused_weight_of_two_types_runs_in_the_stack_as_in_the_layers(tmp_path: Path, make_tiny_hf_llama: Any) -> None:
     assert native.available(torch.device("cpu"), torch.float32)  # NOTE: builds and loads the kernels
@@ -157,9 +184,12 @@ def _decode_meta(slots: list[int], lens: list[int], table: list[int], **kwargs: 
     )
 
 
-def _caches(dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Pools of 4 blocks (64 slots) for the default model's 30 layers."""
-    return [(torch.zeros(4, 16, 3, 64, dtype=dtype), torch.zeros(4, 16, 3, 64, dtype=dtype)) for _ in range(30)]
+def _caches(
+    dtype: torch.dtype = torch.float32, layers: int = 30, kv_heads: int = 3, head_dim: int = 64
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pools of 4 blocks (64 slots), by default for the default model's 30 layers."""
+    shape = (4, 16, kv_heads, head_dim)
+    return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(layers)]
 
 
 def test_a_step_the_stack_does_not_take_is_left_to_the_layers(llm: LLM) -> None:
@@ -212,6 +242,19 @@ def test_the_stack_refuses_what_it_cannot_read(llm: LLM) -> None:
         stack.forward(torch.randn(2, 64), rope, caches, _decode_meta([3, 4], [4, 5], [0]))
     with pytest.raises(ValueError, match="float16 pool"):
         stack.forward(x, rope, _caches(torch.float64), _decode_meta([3, 4], [4, 5], [0]))
+    # bfloat16 rows: the wrapper wants a bfloat16 pool for them, and the C code a bfloat16 plan
+    # (this float32 one would have its norms read at the wrong width), before anything runs.
+    cfg = llm.core.runner.model.config
+    args = (rope[0].squeeze(-2), rope[1].squeeze(-2), torch.tensor([3, 4]))
+    meta = _decode_meta([3, 4], [4, 5], [0])
+    tables = (meta.decode_block_tables, meta.decode_context_lens, torch.zeros((0, 1), dtype=torch.long))
+    empty = torch.zeros((0,), dtype=torch.long)
+    shapes = dict(num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size,
+                  eps=cfg.rms_norm_eps, scale=0.125)  # fmt: skip
+    for pools in (_caches(), _caches(torch.float16), _caches(torch.bfloat16)):
+        with pytest.raises(ValueError, match="bfloat16"):
+            native.decoder_stack(stack.plan, x.bfloat16(), *args, pools[0][0], *tables, empty, empty, **shapes)
+        assert not any(c.any() for pair in pools for c in pair)
     meta = _decode_meta([3, 4], [4, 5], [0])
     object.__setattr__(meta, "slot_mapping", meta.slot_mapping.int())
     with pytest.raises(ValueError, match="int64"):
