@@ -352,11 +352,13 @@ int64_t tw_decoder_stack_scratch(int64_t hidden, int64_t num_heads, int64_t num_
 // attention and MLP on those rows alone, left in x[0..num_out) (the other rows' work there feeds
 // nothing: in a prompt chunk only the last row is sampled). Returns 0; 1 for a dtype it does not
 // run, parts of the other dtype's kind (before anything runs), a projection whose parts the matmul
-// does not take (a type, or columns that do not add up) or a cache type this build does not write; 2 for a slot, block id or length out of range, query
-// lengths that do not add up to the prompt rows, or output rows that are not ascending rows of the
-// batch (each checked before it is read through).
-int tw_decoder_stack(int dtype, const int64_t* plan, int64_t num_layers, void* x, int64_t num_tokens, int64_t hidden,
-                     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate, float eps,
+// does not take (a type, or columns that do not add up) or a cache type this build does not write;
+// 2 for a slot, block id or length out of range, query lengths that do not add up to the prompt
+// rows, or output rows that are not ascending rows of the batch (each checked before it is read
+// through).
+int tw_decoder_stack(int dtype, const int64_t* plan, int64_t num_layers, void* x, int64_t num_tokens,
+                     int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                     int64_t intermediate, float eps,
                      const float* cos, const float* sin, const int64_t* slots, int64_t num_decode,
                      const int64_t* decode_tables, int64_t decode_stride, int64_t decode_width,
                      const int64_t* decode_lens, int64_t num_chunks, const int64_t* chunk_tables,
