@@ -18,6 +18,7 @@ from tokenwire.engine.models.layers import enable_native_ops
 from tokenwire.engine.models.native_stack import NativeStack
 from tokenwire.engine.models.packed_linear import prepack_linears
 
+from .test_bf16_linear import needs_kernel as needs_bf16_kernel
 from .test_loader import IDS, write_llama_gguf
 
 pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler here")
@@ -59,11 +60,6 @@ def _run(llm: LLM, stack: NativeStack | None) -> list[tuple[list[int], list[floa
     outs = llm.generate([preamble], params[0])
     outs += llm.generate(prompts, [params[i % 2] for i in range(len(prompts))])
     return [(o.token_ids, [p.logprob for p in o.logprobs]) for o in outs]
-
-
-needs_bf16_kernel = pytest.mark.skipif(
-    native._compiler() is None or not native.bf16_linear_available(), reason="this CPU has no AVX512-BF16"
-)
 
 
 @pytest.mark.slow
