@@ -149,14 +149,14 @@ void linear(const uint16_t* x, int64_t x_stride, int64_t m_rows, int64_t k, cons
       // The next group's panels, asked for by this group's first tile.
       const int64_t next = first + np;
       const int ahead = static_cast<int>(panels - next < group ? panels - next : group);
+      const uint8_t* ahead_panels = packed + next * panel_bytes;
+      static_assert(kGroup == 2, "a group is one or two panels");
       int64_t m = 0;
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t r = tw::even_share(m_rows, tiles, t);
         const uint16_t* xm = x + m * x_stride;
         uint16_t* om = o + m * o_stride;
-        const uint8_t* ahead_panels = packed + next * panel_bytes;
         const int a = t == 0 ? ahead : 0;
-        static_assert(kGroup == 2, "a group is one or two panels");
         if (np == 2)
           tile<2>(r, xm, x_stride, panel, panel_bytes, k, om, o_stride, ahead_panels, a);
         else
